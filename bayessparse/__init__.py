@@ -1,0 +1,1 @@
+"""bayessparse: Bayesian sparsification of neural networks with PyTorch and Pyro."""

@@ -1,0 +1,99 @@
+"""Turning a plain torch network into a Bayesian sparse one, in place."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pyro.nn.module import to_pyro_module_
+from torch import nn
+
+from bayessparse.nn.base import SparseModule
+from bayessparse.nn.variational import (
+    VariationalConv1d,
+    VariationalConv2d,
+    VariationalConv3d,
+    VariationalLinear,
+)
+
+# method -> {exact torch type -> sparse class}. Later families (L0, horseshoe, ...) add rows.
+METHODS: dict[str, dict[type[nn.Module], type[SparseModule]]] = {
+    "sparse_vd": {
+        nn.Linear: VariationalLinear,
+        nn.Conv1d: VariationalConv1d,
+        nn.Conv2d: VariationalConv2d,
+        nn.Conv3d: VariationalConv3d,
+    },
+}
+
+
+def sparse_modules(net: nn.Module) -> Iterator[tuple[str, SparseModule]]:
+    """``(name, module)`` for every :class:`SparseModule` in ``net``, in ``named_modules`` order."""
+    for name, module in net.named_modules():
+        if isinstance(module, SparseModule):
+            yield name, module
+
+
+def to_sparse_(
+    net: nn.Module,
+    method: str = "sparse_vd",
+    include: Callable[[str, nn.Module], bool] | None = None,
+    **layer_kwargs: Any,
+) -> nn.Module:
+    """Replace the layers of ``net`` by Bayesian sparse layers, in place, and return ``net``.
+
+    Layers are matched by exact type (``nn.Linear``, ``nn.Conv1d/2d/3d``), so subclasses
+    with their own behaviour and layers that are already sparse are left alone: calling it
+    twice is harmless. Each new layer starts from the old one's weights
+    (:meth:`~bayessparse.nn.SparseModule.from_dense`). Normalisation and other layers stay
+    deterministic. The root and all its submodules become :class:`~pyro.nn.PyroModule`
+    (so every parameter gets a unique name in Pyro's param store) and ``net`` can be
+    trained with :class:`pyro.infer.SVI`.
+
+    Args:
+        net: the network to convert.
+        method: the sparse family; one of ``bayessparse.convert.METHODS``.
+        include: optional predicate ``include(name, module)``; only layers for which it is
+            true are converted, e.g. ``lambda name, m: name != "fc3"``.
+        **layer_kwargs: options passed to every new layer (e.g. ``train_clip=True``).
+
+    Returns:
+        ``net`` itself, converted.
+
+    Raises:
+        ValueError: for an unknown ``method``, or when nothing in ``net`` can be converted.
+        TypeError: if ``net`` is not an ``nn.Module``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 10))
+        >>> net = to_sparse_(net, "sparse_vd")
+        >>> type(net[0]).__name__
+        'VariationalLinear'
+    """
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"Expected an nn.Module to convert, got {type(net).__name__}.")
+    if method not in METHODS:
+        raise ValueError(
+            f"Unknown sparsification method {method!r}. Choose one of {sorted(METHODS)}."
+        )
+    table = METHODS[method]
+    converted = 0
+    for parent_name, parent in list(net.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            sparse_cls = table.get(type(child))
+            if sparse_cls is None or (include is not None and not include(name, child)):
+                continue
+            setattr(parent, child_name, sparse_cls.from_dense(child, **layer_kwargs))
+            converted += 1
+    already_sparse = any(True for _ in sparse_modules(net))
+    if converted == 0 and not already_sparse:
+        found = sorted({type(m).__name__ for m in net.modules()})
+        raise ValueError(
+            f"to_sparse_(method={method!r}) found nothing to convert: no module of type "
+            f"{sorted(t.__name__ for t in table)} "
+            f"{'passed include' if include is not None else 'in the network'}. The network "
+            f"holds {found}. Check the include predicate or the layer types."
+        )
+    to_pyro_module_(net)
+    return net

@@ -1,0 +1,105 @@
+"""From a trained Bayesian network to deterministic masks and plain torch networks."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from pyro.nn import PyroModule
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+from bayessparse.convert import sparse_modules
+from bayessparse.nn.base import check_threshold
+
+
+def masks(net: nn.Module, threshold: float | None = None) -> dict[str, Tensor]:
+    """Boolean weight masks of every sparse layer, keyed like ``state_dict`` (``"0.weight"``).
+
+    Args:
+        net: a network with sparse layers.
+        threshold: keep-probability cut in [0, 1]; ``None`` uses each layer's default rule.
+    """
+    if threshold is not None:
+        check_threshold(threshold)
+    return {
+        f"{name}.weight" if name else "weight": module.mask(threshold)
+        for name, module in sparse_modules(net)
+    }
+
+
+def _strip_pyro(module: nn.Module) -> None:
+    """Turn a ``PyroModule[T]`` made by ``to_pyro_module_`` back into a plain ``T``, in place."""
+    cls = type(module)
+    if isinstance(module, PyroModule) and cls.__name__.startswith("PyroModule["):
+        plain = next(c for c in cls.__mro__[1:] if not issubclass(c, PyroModule))
+        module.__class__ = plain
+        for attr in ("_pyro_name", "_pyro_context", "_pyro_params", "_pyro_samples"):
+            module.__dict__.pop(attr, None)
+
+
+def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False) -> nn.Module:
+    """A plain torch copy of ``net`` with each sparse layer replaced by its masked torch layer.
+
+    The copy holds no Pyro types. Masks are in :mod:`torch.nn.utils.prune` format
+    (``weight_orig`` and ``weight_mask`` buffers), so ``prune.remove`` and tools that read
+    pruned models work on it; with ``bake=True`` they are baked into plain zeros.
+
+    Args:
+        net: a network with sparse layers (it is not modified).
+        threshold: keep-probability cut in [0, 1]; ``None`` uses each layer's default rule.
+        bake: write the masks into the weights and drop the prune buffers.
+
+    Returns:
+        The deterministic network, in the same train/eval mode as ``net``.
+    """
+    if threshold is not None:
+        check_threshold(threshold)
+    dense = copy.deepcopy(net)
+    for name, module in list(sparse_modules(dense)):
+        replacement = module.to_dense(threshold)
+        if bake:
+            prune.remove(replacement, "weight")
+        parent_name, _, child_name = name.rpartition(".")
+        parent = dense.get_submodule(parent_name)
+        setattr(parent, child_name, replacement)
+    for module in dense.modules():
+        _strip_pyro(module)
+    return dense
+
+
+def sparsity_report(net: nn.Module, threshold: float | None = None) -> dict[str, Any]:
+    """Per-layer and total weight counts of the masked network.
+
+    Compression is ``|W| / |W != 0|`` over the weight tensors of the sparse layers (biases
+    excluded), as in Molchanov et al. (2017).
+
+    Returns:
+        ``{"layers": {name: {"weights", "kept", "sparsity"}}, "weights", "kept",
+        "sparsity", "compression"}``.
+    """
+    layers = {}
+    total = kept = 0
+    for key, mask in masks(net, threshold).items():
+        n, k = mask.numel(), int(mask.sum())
+        layers[key.removesuffix(".weight")] = {
+            "weights": n,
+            "kept": k,
+            "sparsity": 1.0 - k / n,
+        }
+        total += n
+        kept += k
+    if total == 0:
+        raise ValueError(
+            f"{type(net).__name__} has no sparse layers to report on. Convert it first with "
+            "bayessparse.to_sparse_(net)."
+        )
+    return {
+        "layers": layers,
+        "weights": total,
+        "kept": kept,
+        "sparsity": 1.0 - kept / total,
+        "compression": total / kept if kept else math.inf,
+    }

@@ -1,0 +1,172 @@
+"""The contract every Bayesian sparse layer satisfies, and the helpers it is built from."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from pyro.nn import PyroModule
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+# The torch layer types a sparse layer can stand in for, most specific first.
+TORCH_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def check_threshold(threshold: float) -> float:
+    """Return ``threshold`` as a float after checking it is a probability.
+
+    Raises:
+        TypeError: if it is not a real number.
+        ValueError: if it is NaN or outside [0, 1].
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(
+            f"Expected threshold to be a float in [0, 1], got {threshold!r} of type "
+            f"{type(threshold).__name__}. Pass a keep-probability such as 0.05, or None for "
+            "the layer's default."
+        )
+    threshold = float(threshold)
+    if math.isnan(threshold) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"Expected threshold in [0, 1], got {threshold!r}. Thresholds are on keep_prob(), "
+            "not on log_alpha: keep weights with keep_prob() > threshold, e.g. "
+            "threshold=torch.sigmoid(torch.tensor(-3.0)).item() for log alpha < 3."
+        )
+    return threshold
+
+
+def torch_layer_type(module: nn.Module | type) -> type[nn.Module]:
+    """The plain torch layer class that ``module`` (an instance or a class) is or subclasses."""
+    cls = module if isinstance(module, type) else type(module)
+    for layer_type in TORCH_LAYER_TYPES:
+        if issubclass(cls, layer_type):
+            return layer_type
+    raise TypeError(
+        f"Expected one of {[t.__name__ for t in TORCH_LAYER_TYPES]}, got {cls.__name__}."
+    )
+
+
+def torch_layer_kwargs(module: nn.Module) -> dict[str, Any]:
+    """Constructor arguments that rebuild ``module``'s torch layer type with the same shape."""
+    if isinstance(module, nn.Linear):
+        return {
+            "in_features": module.in_features,
+            "out_features": module.out_features,
+            "bias": module.bias is not None,
+        }
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return {
+            "in_channels": module.in_channels,
+            "out_channels": module.out_channels,
+            "kernel_size": module.kernel_size,
+            "stride": module.stride,
+            "padding": module.padding,
+            "dilation": module.dilation,
+            "groups": module.groups,
+            "bias": module.bias is not None,
+            "padding_mode": module.padding_mode,
+        }
+    raise TypeError(f"Expected nn.Linear or nn.ConvNd, got {type(module).__name__}.")
+
+
+class SparseModule(PyroModule):
+    """Mixin contract of a Bayesian sparse layer (a :class:`~pyro.nn.PyroModule`).
+
+    A sparse layer subclasses its torch layer first and this mixin second, e.g.
+    ``class VariationalLinear(nn.Linear, SparseModule)``, so it *is* an ``nn.Linear``
+    whose ``weight`` holds the deterministic (posterior-mean) weight.
+
+    Every family exposes the same mask currency: :meth:`keep_prob` in [0, 1] (1/(1+α) for
+    Gaussian posteriors, P(z ≠ 0) for hard-concrete gates), and :meth:`mask` thresholds it.
+    Never threshold :attr:`log_alpha` directly: its sign convention differs by family.
+
+    Subclasses implement :attr:`log_alpha`, :meth:`keep_prob`, :meth:`kl` and
+    :meth:`dense_weight`, and set :attr:`default_threshold` to their paper's rule. This is
+    not an ``abc.ABC`` because PyroModule's metaclass conflicts with ABCMeta.
+
+    Invariant (tested for every class): ``m.eval()(x) == m.to_dense()(x)``.
+    """
+
+    default_threshold: ClassVar[float]
+    weight: Tensor
+    bias: Tensor | None
+
+    @property
+    def log_alpha(self) -> Tensor:
+        """The family's native log-parameter (see the class docstring for its sign)."""
+        raise NotImplementedError
+
+    def keep_prob(self) -> Tensor:
+        """Posterior probability-like score in [0, 1] that a weight is kept."""
+        raise NotImplementedError
+
+    def kl(self) -> Tensor:
+        """Scalar, differentiable complexity cost of this layer's posterior."""
+        raise NotImplementedError
+
+    def dense_weight(self) -> Tensor:
+        """The deterministic weight before masking, same shape as ``weight``."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, **kwargs: Any) -> SparseModule:
+        """A new sparse layer whose deterministic weight and bias are copied from ``module``.
+
+        Args:
+            module: a trained torch layer of the type this class replaces.
+            **kwargs: layer options (e.g. ``log_sigma2_init``).
+
+        Raises:
+            TypeError: if ``module`` is not of this class's torch layer type.
+        """
+        base = torch_layer_type(cls)
+        if not isinstance(module, base):
+            raise TypeError(
+                f"{cls.__name__}.from_dense expects an {base.__name__}, got "
+                f"{type(module).__name__}."
+            )
+        weight = module.weight
+        layer = cls(
+            **torch_layer_kwargs(module), device=weight.device, dtype=weight.dtype, **kwargs
+        )
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if module.bias is not None:
+                assert layer.bias is not None
+                layer.bias.copy_(module.bias)
+        return layer
+
+    def mask(self, threshold: float | None = None) -> Tensor:
+        """Boolean mask, same shape as ``weight``: ``keep_prob() > threshold``.
+
+        Args:
+            threshold: keep-probability cut in [0, 1]; ``None`` uses
+                :attr:`default_threshold`, the rule of the family's paper.
+
+        Raises:
+            ValueError: if ``threshold`` is NaN or outside [0, 1].
+        """
+        cut = self.default_threshold if threshold is None else check_threshold(threshold)
+        with torch.no_grad():
+            return (self.keep_prob() > cut).expand_as(self.weight)
+
+    def to_dense(self, threshold: float | None = None) -> nn.Module:
+        """A plain torch layer with this layer's masked deterministic weight.
+
+        The mask is attached in :mod:`torch.nn.utils.prune` format (``weight_orig`` and
+        ``weight_mask``); ``torch.nn.utils.prune.remove`` bakes it into plain zeros.
+        """
+        mask = self.mask(threshold)
+        weight = self.weight
+        layer_type = torch_layer_type(self)
+        dense = layer_type(
+            **torch_layer_kwargs(self), device=weight.device, dtype=weight.dtype
+        )
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        prune.custom_from_mask(dense, "weight", mask)
+        return dense.train(self.training)

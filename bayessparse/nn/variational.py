@@ -1,0 +1,199 @@
+"""Sparse variational dropout layers (Molchanov et al. 2017)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bayessparse.distributions.kl import _clamped_log_alpha, sparse_vd_kl_sum
+from bayessparse.nn.base import SparseModule, torch_layer_type
+
+# keep_prob = sigmoid(-log alpha) > sigmoid(-3)  <=>  log alpha < 3, the paper's rule.
+SPARSE_VD_THRESHOLD = float(torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64)))
+
+
+class _SparseVD(SparseModule):
+    r"""Sparse variational dropout maths, shared by the linear and conv layers.
+
+    Posterior :math:`q(w_{ij}) = \mathcal N(\theta_{ij}, \sigma_{ij}^2)` with
+    :math:`\log\alpha = \log\sigma^2 - \log\theta^2`, prior :math:`p(|w|)\propto 1/|w|`.
+    Training uses the local reparameterization trick: the pre-activation
+    :math:`b = \mathrm{op}(x, \theta) + \sqrt{\mathrm{op}(x^2, \sigma^2)}\,\varepsilon`
+    is sampled directly, one independent draw per example and output unit.
+    Evaluation is deterministic: :math:`\mathrm{op}(x, \theta\odot m)` with the mask
+    :math:`m = [\log\alpha < 3]`.
+    """
+
+    default_threshold: ClassVar[float] = SPARSE_VD_THRESHOLD
+    weight_log_sigma2: nn.Parameter
+
+    # Sparse layers subclass their torch layer first (``class VariationalLinear(nn.Linear,
+    # _SparseVD)``) so that they are drop-in torch types. torch's __init__ then reaches this
+    # mixin through ``super().__init__()`` with no arguments, so the mixin cannot define
+    # __init__ itself: concrete classes bind these methods explicitly instead.
+    def _construct(
+        self, *args: Any, log_sigma2_init: float = -10.0, train_clip: bool = False, **kwargs: Any
+    ) -> None:
+        torch_layer_type(self).__init__(self, *args, **kwargs)
+        self.log_sigma2_init = float(log_sigma2_init)
+        self.train_clip = bool(train_clip)
+        self.weight_log_sigma2 = nn.Parameter(torch.full_like(self.weight, self.log_sigma2_init))
+
+    def reset_parameters(self) -> None:
+        torch_layer_type(self).reset_parameters(self)  # type: ignore[attr-defined]
+        if "weight_log_sigma2" in self._parameters:
+            with torch.no_grad():
+                self.weight_log_sigma2.fill_(self.log_sigma2_init)
+
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def _check_input(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    @property
+    def log_alpha(self) -> Tensor:
+        """Noise-to-signal ratio log σ² − log θ², clamped to [−8, 8]. Higher means prune."""
+        return _clamped_log_alpha(self.weight, self.weight_log_sigma2)
+
+    def keep_prob(self) -> Tensor:
+        """1 / (1 + α) = σ(−log α): the weight's signal share."""
+        return torch.sigmoid(-self.log_alpha)
+
+    def kl(self) -> Tensor:
+        """Sum over weights of the Molchanov approximation to KL(q ‖ log-uniform)."""
+        return sparse_vd_kl_sum(self.weight, self.weight_log_sigma2)
+
+    def dense_weight(self) -> Tensor:
+        """The posterior mean θ."""
+        return self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        theta, bias = self.weight, self.bias
+        if not self.training:
+            return self._op(x, theta * self.mask().to(theta.dtype), bias)
+        if self.train_clip:
+            # Drop already-pruned weights (log alpha >= 3) from the mean, as the official
+            # LeNet recipes do. The mask carries no gradient, so build it outside autograd.
+            with torch.no_grad():
+                keep = _clamped_log_alpha(theta, self.weight_log_sigma2) < 3.0
+            theta = theta * keep.to(theta.dtype)
+        mean = self._op(x, theta, bias)
+        var = self._op(x * x, self.weight_log_sigma2.exp(), None)
+        # 1e-8 keeps sqrt differentiable where every input to a unit is zero.
+        return mean + (var + 1e-8).sqrt() * torch.randn_like(mean)
+
+
+class VariationalLinear(nn.Linear, _SparseVD):
+    """Sparse variational dropout ``nn.Linear`` (a :class:`~pyro.nn.PyroModule`).
+
+    A drop-in replacement for :class:`torch.nn.Linear`: same constructor, ``weight`` is the
+    posterior mean θ, and ``weight_log_sigma2`` holds log σ². See :class:`_SparseVD` for the
+    maths.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for :class:`torch.nn.Linear`.
+        log_sigma2_init: initial log σ² of every weight (the paper's −10).
+        train_clip: also drop weights with log α ≥ 3 from the training mean, as the
+            official LeNet recipes do.
+
+    Example:
+        >>> layer = VariationalLinear(784, 300)
+        >>> layer.eval()(torch.randn(5, 784)).shape
+        torch.Size([5, 300])
+
+    References:
+        Molchanov, Ashukha, Vetrov (2017), *Variational Dropout Sparsifies Deep Neural
+        Networks*, ICML.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        log_sigma2_init: float = -10.0,
+        train_clip: bool = False,
+    ) -> None:
+        self._construct(
+            in_features,
+            out_features,
+            bias,
+            device,
+            dtype,
+            log_sigma2_init=log_sigma2_init,
+            train_clip=train_clip,
+        )
+
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expected input of shape (*, {self.in_features}), got "
+                f"{tuple(x.shape)}. Flatten or reshape the input so its last dimension is "
+                "in_features."
+            )
+
+    reset_parameters = _SparseVD.reset_parameters
+    forward = _SparseVD.forward
+
+
+class _VariationalConvNd(_SparseVD):
+    """Conv-specific parts shared by the 1d/2d/3d sparse-VD convolutions.
+
+    The constructor takes the arguments of the torch convolution plus the keyword-only
+    ``log_sigma2_init`` and ``train_clip`` of :class:`VariationalLinear`.
+    """
+
+    in_channels: int
+    _spatial_dims: ClassVar[int]
+
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        # nn.ConvNd._conv_forward handles padding_mode, stride, dilation and groups.
+        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined, no-any-return]
+
+    def _check_input(self, x: Tensor) -> None:
+        n = self._spatial_dims
+        if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
+            spatial = ", ".join("*" * n)
+            raise ValueError(
+                f"{type(self).__name__} expected input of shape (N, {self.in_channels}, "
+                f"{spatial}) or ({self.in_channels}, {spatial}), got {tuple(x.shape)}. Check "
+                "the channel dimension and the number of spatial dimensions."
+            )
+
+
+class VariationalConv1d(nn.Conv1d, _VariationalConvNd):
+    """Sparse variational dropout ``nn.Conv1d``; see :class:`_VariationalConvNd`."""
+
+    _spatial_dims = 1
+    __init__ = _SparseVD._construct
+    reset_parameters = _SparseVD.reset_parameters
+    forward = _SparseVD.forward
+
+
+class VariationalConv2d(nn.Conv2d, _VariationalConvNd):
+    """Sparse variational dropout ``nn.Conv2d``; see :class:`_VariationalConvNd`."""
+
+    _spatial_dims = 2
+    __init__ = _SparseVD._construct
+    reset_parameters = _SparseVD.reset_parameters
+    forward = _SparseVD.forward
+
+
+class VariationalConv3d(nn.Conv3d, _VariationalConvNd):
+    """Sparse variational dropout ``nn.Conv3d``; see :class:`_VariationalConvNd`."""
+
+    _spatial_dims = 3
+    __init__ = _SparseVD._construct
+    reset_parameters = _SparseVD.reset_parameters
+    forward = _SparseVD.forward
