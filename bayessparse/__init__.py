@@ -1,1 +1,29 @@
-"""bayessparse: Bayesian sparsification of neural networks with PyTorch and Pyro."""
+"""bayessparse: Bayesian sparsification of neural networks with PyTorch and Pyro.
+
+Swap a network's layers for Bayesian sparse ones (:func:`to_sparse_`), train them by SVI
+with the KL of :func:`kl` and an :class:`EmptyGuide`, then threshold the posterior into a
+deterministic pruned network (:func:`masks`, :func:`to_dense`, :func:`sparsity_report`).
+"""
+
+from bayessparse import distributions, nn
+from bayessparse.convert import sparse_modules, to_sparse_
+from bayessparse.infer import EmptyGuide, JointOptim, kl
+from bayessparse.masks import masks, sparsity_report, to_dense
+from bayessparse.nn import SparseModule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EmptyGuide",
+    "JointOptim",
+    "SparseModule",
+    "__version__",
+    "distributions",
+    "kl",
+    "masks",
+    "nn",
+    "sparse_modules",
+    "sparsity_report",
+    "to_dense",
+    "to_sparse_",
+]

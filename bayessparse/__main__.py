@@ -1,0 +1,5 @@
+import sys
+
+from bayessparse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""Quality and calibration metrics of a classifier's predictive distribution."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@torch.no_grad()
+def predict_logits(net: nn.Module, inputs: Tensor, batch_size: int = 1000) -> Tensor:
+    """Logits of ``net`` on ``inputs`` in evaluation mode, computed in batches.
+
+    The network's train/eval mode is restored afterwards.
+    """
+    was_training = net.training
+    net.eval()
+    try:
+        return torch.cat([net(chunk) for chunk in inputs.split(batch_size)])
+    finally:
+        net.train(was_training)
+
+
+def error_rate(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of examples whose arg-max class is wrong."""
+    return float((logits.argmax(-1) != labels).double().mean())
+
+
+def nll(logits: Tensor, labels: Tensor) -> float:
+    """Mean negative log-likelihood (cross-entropy) in nats."""
+    return float(F.cross_entropy(logits.double(), labels))
+
+
+def ece(logits: Tensor, labels: Tensor, num_bins: int = 15) -> float:
+    """Expected calibration error with equal-width confidence bins (Guo et al. 2017).
+
+    ``sum_b |B_b| / n * |accuracy(B_b) - confidence(B_b)|`` over ``num_bins`` bins of the
+    top-class probability.
+    """
+    if num_bins < 1:
+        raise ValueError(f"Expected num_bins >= 1, got {num_bins!r}.")
+    probs = logits.double().softmax(-1)
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == labels).double()
+    # Bin b holds confidences in (b/B, (b+1)/B]; confidence is > 0, so index 0..B-1.
+    bins = (confidence * num_bins).ceil().long().clamp(1, num_bins) - 1
+    count = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(correct))
+    acc = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    conf = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, confidence)
+    return float((acc - conf).abs().sum() / labels.numel())
+
+
+def classification_report(logits: Tensor, labels: Tensor) -> dict[str, float]:
+    """Test error, NLL and ECE of ``logits`` against ``labels``."""
+    return {
+        "error": error_rate(logits, labels),
+        "nll": nll(logits, labels),
+        "ece": ece(logits, labels),
+    }

@@ -1,0 +1,230 @@
+"""Contract tests shared by every sparse layer class.
+
+A new layer family joins by adding one ``LayerCase`` line to ``CASES``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyro
+import pytest
+import torch
+from torch import nn
+
+import bayessparse as bs
+from bayessparse.nn import (
+    SparseModule,
+    VariationalConv1d,
+    VariationalConv2d,
+    VariationalConv3d,
+    VariationalLinear,
+)
+
+
+@dataclass
+class LayerCase:
+    cls: type[SparseModule]
+    args: tuple
+    input_shape: tuple[int, ...]
+    bad_input_shape: tuple[int, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)  # torch layer arguments
+    options: dict[str, Any] = field(default_factory=dict)  # sparse-layer options
+    # parameters that carry the posterior and must get a gradient from the KL
+    variational_params: tuple[str, ...] = ("weight", "weight_log_sigma2")
+
+    def __str__(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in {**self.kwargs, **self.options}.items())
+        return f"{self.cls.__name__}{self.args}{extra}"
+
+
+CASES = [
+    LayerCase(VariationalLinear, (7, 5), (4, 7), (4, 6)),
+    LayerCase(VariationalLinear, (7, 5), (3, 2, 7), (3, 7, 2), {"bias": False}),
+    LayerCase(VariationalLinear, (7, 5), (4, 7), (4, 8), options={"train_clip": True}),
+    LayerCase(VariationalConv1d, (3, 4, 3), (2, 3, 9), (2, 9, 3)),
+    LayerCase(VariationalConv1d, (4, 6, 3), (2, 4, 9), (2, 5, 9), {"groups": 2, "dilation": 2}),
+    LayerCase(VariationalConv2d, (3, 4, (3, 2)), (2, 3, 8, 7), (2, 8, 7), {"padding": 1}),
+    LayerCase(
+        VariationalConv2d, (3, 4, 3), (2, 3, 8, 8), (2, 4, 8, 8),
+        {"padding": 1, "padding_mode": "reflect"}, {"log_sigma2_init": -8.0},
+    ),
+    LayerCase(VariationalConv2d, (2, 3, 3), (2, 6, 6), (1, 2, 2, 6, 6), {"stride": 2}),  # unbatched
+    LayerCase(VariationalConv3d, (2, 3, 2), (2, 2, 4, 5, 4), (2, 3, 4, 5, 4), {"bias": False}),
+]
+DTYPES = [torch.float32, torch.float64]
+
+
+def make(case: LayerCase, dtype: torch.dtype) -> SparseModule:
+    torch.manual_seed(0)
+    layer = case.cls(*case.args, **case.kwargs, **case.options, dtype=dtype)
+    # Spread the noise levels so that masks are neither all-on nor all-off.
+    with torch.no_grad():
+        layer.weight_log_sigma2.copy_(
+            torch.log(layer.weight**2) + torch.linspace(-6, 6, layer.weight.numel()).view_as(
+                layer.weight
+            )
+        )
+    return layer
+
+
+def torch_type(layer: SparseModule) -> type[nn.Module]:
+    return next(t for t in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) if isinstance(layer, t))
+
+
+@pytest.fixture(params=CASES, ids=str)
+def case(request):
+    return request.param
+
+
+@pytest.fixture(params=DTYPES, ids=str)
+def dtype(request):
+    return request.param
+
+
+def test_is_drop_in_torch_and_pyro_module(case, dtype):
+    layer = make(case, dtype)
+    assert isinstance(layer, torch_type(layer))
+    assert isinstance(layer, pyro.nn.PyroModule)
+    assert layer.weight.dtype == dtype
+
+
+def test_output_shape_matches_torch_layer(case, dtype):
+    layer = make(case, dtype)
+    x = torch.randn(case.input_shape, dtype=dtype)
+    plain = bs.to_dense(layer, threshold=0.0)
+    expected = plain(x).shape
+    assert layer.train()(x).shape == expected
+    assert layer.eval()(x).shape == expected
+
+
+def test_eval_is_deterministic_and_train_is_stochastic(case, dtype):
+    layer = make(case, dtype)
+    x = torch.randn(case.input_shape, dtype=dtype)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("threshold", [None, 0.0, 0.3, 1.0])
+def test_eval_equals_to_dense(case, dtype, threshold):
+    layer = make(case, dtype)
+    x = torch.randn(case.input_shape, dtype=dtype)
+    cut = layer.default_threshold if threshold is None else threshold
+    layer.default_threshold = cut  # eval uses the layer's default rule
+    dense = layer.to_dense(threshold)
+    assert type(dense) is torch_type(layer)
+    assert torch.equal(layer.eval()(x), dense.eval()(x))
+    baked = bs.to_dense(layer, threshold, bake=True)
+    assert not hasattr(baked, "weight_mask")
+    assert torch.equal(layer(x), baked.eval()(x))
+
+
+def test_to_dense_uses_prune_format(case, dtype):
+    layer = make(case, dtype)
+    dense = layer.to_dense()
+    assert torch.equal(dense.weight_orig, layer.dense_weight().detach())
+    assert torch.equal(dense.weight_mask.bool(), layer.mask())
+    assert 0 < int(dense.weight_mask.sum()) < layer.weight.numel()
+
+
+def test_keep_prob_in_unit_interval_and_mask_monotone(case, dtype):
+    layer = make(case, dtype)
+    p = layer.keep_prob()
+    assert p.shape == layer.weight.shape
+    assert ((p >= 0) & (p <= 1)).all()
+    counts = [int(layer.mask(t).sum()) for t in torch.linspace(0, 1, 11).tolist()]
+    assert counts == sorted(counts, reverse=True)
+    assert counts[0] == layer.weight.numel() and counts[-1] == 0
+    assert layer.mask().dtype == torch.bool and layer.mask().shape == layer.weight.shape
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_bad_threshold_raises_value_error(case, bad):
+    layer = make(case, torch.float32)
+    with pytest.raises(ValueError, match="threshold"):
+        layer.mask(bad)
+    with pytest.raises(ValueError, match="threshold"):
+        layer.to_dense(bad)
+    with pytest.raises(ValueError, match="threshold"):
+        bs.masks(layer, bad)
+
+
+def test_threshold_of_wrong_type_raises_type_error(case):
+    layer = make(case, torch.float32)
+    with pytest.raises(TypeError, match="threshold"):
+        layer.mask("0.5")  # type: ignore[arg-type]
+
+
+def test_kl_is_finite_scalar_with_gradients_to_every_variational_parameter(case, dtype):
+    layer = make(case, dtype)
+    kl = layer.kl()
+    assert kl.shape == () and torch.isfinite(kl)
+    kl.backward()
+    for name in case.variational_params:
+        grad = getattr(layer, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+
+
+def test_forward_gives_gradients_to_every_parameter(case, dtype):
+    layer = make(case, dtype)
+    x = torch.randn(case.input_shape, dtype=dtype)
+    layer.train()(x).square().sum().backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_from_dense_keeps_the_weights_and_the_output(case, dtype):
+    torch.manual_seed(1)
+    plain = torch_type(make(case, dtype))(*case.args, **case.kwargs, dtype=dtype)
+    layer = case.cls.from_dense(plain, **case.options)
+    assert type(layer) is case.cls
+    for option, value in case.options.items():
+        assert getattr(layer, option) == value
+    assert torch.equal(layer.dense_weight(), plain.weight)
+    x = torch.randn(case.input_shape, dtype=dtype)
+    assert torch.equal(layer.to_dense(threshold=0.0)(x), plain(x))
+    if plain.bias is not None:
+        assert torch.equal(layer.bias, plain.bias)
+
+
+def test_from_dense_rejects_the_wrong_layer_type(case):
+    with pytest.raises(TypeError, match="expects"):
+        case.cls.from_dense(nn.Bilinear(2, 2, 2))
+
+
+def test_state_dict_torch_save_and_deepcopy_round_trips(case, dtype):
+    layer = make(case, dtype)
+    x = torch.randn(case.input_shape, dtype=dtype)
+    expected = layer.eval()(x)
+
+    fresh = case.cls(*case.args, **case.kwargs, **case.options, dtype=dtype).eval()
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), expected)
+
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is case.cls and torch.equal(loaded(x), expected)
+
+    clone = copy.deepcopy(layer)
+    assert torch.equal(clone(x), expected)
+    assert clone.weight is not layer.weight
+
+
+def test_wrong_input_shape_raises_clear_error(case):
+    layer = make(case, torch.float32)
+    with pytest.raises(ValueError, match="expected input of shape") as info:
+        layer(torch.randn(case.bad_input_shape))
+    assert str(case.bad_input_shape) in str(info.value)
+
+
+def test_reset_parameters_resets_the_posterior(case):
+    layer = make(case, torch.float32)
+    layer.reset_parameters()
+    assert torch.all(layer.weight_log_sigma2 == layer.log_sigma2_init)
