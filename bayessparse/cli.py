@@ -40,7 +40,8 @@ def build_net(model: str, method: str, init_std: float | None, **layer_kwargs: A
         for module in net.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 nn.init.normal_(module.weight, 0.0, init_std)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
     return to_sparse_(net, method, **layer_kwargs)
 
 
@@ -54,13 +55,20 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=100)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument(
-        "--kl-warmup", type=float, nargs=2, metavar=("START", "END"),
+        "--kl-warmup",
+        type=float,
+        nargs=2,
+        metavar=("START", "END"),
         help="KL weight 0 before epoch START, 1 from END (default: per model)",
     )
     t.add_argument("--lr-decay-start", type=float, help="default: half the epochs")
     t.add_argument("--init-std", type=float, default=0.01, help="weight init std (0: torch's)")
-    t.add_argument("--no-train-clip", dest="train_clip", action="store_false",
-                   help="keep weights with log alpha >= 3 in the training mean")
+    t.add_argument(
+        "--no-train-clip",
+        dest="train_clip",
+        action="store_false",
+        help="keep weights with log alpha >= 3 in the training mean",
+    )
     t.add_argument("--threshold", type=float, help="keep-prob cut (default: log alpha < 3)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data-dir", type=Path, help="MNIST idx .gz directory (default: bundled)")
@@ -92,20 +100,35 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     init_std = args.init_std or None
     out = args.out or Path("runs") / f"{args.model}-{args.method}-s{args.seed}"
     settings = {
-        "model": args.model, "method": args.method, "batch_size": args.batch_size,
-        "lr": args.lr, "kl_warmup": list(kl_warmup), "lr_decay_start": args.lr_decay_start,
-        "init_std": init_std, "train_clip": args.train_clip, "seed": args.seed,
+        "model": args.model,
+        "method": args.method,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "kl_warmup": list(kl_warmup),
+        "lr_decay_start": args.lr_decay_start,
+        "init_std": init_std,
+        "train_clip": args.train_clip,
+        "seed": args.seed,
     }
     data = preprocess(load_mnist(args.data_dir))
     torch.manual_seed(args.seed)
     net = build_net(args.model, args.method, init_std, train_clip=args.train_clip)
     test = data["test"]
     history = train(
-        net, data["train"].images, data["train"].labels,
-        epochs=epochs, batch_size=args.batch_size, lr=args.lr,
+        net,
+        data["train"].images,
+        data["train"].labels,
+        epochs=epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
         schedule=Schedule(kl_warmup=kl_warmup, lr_decay_start=args.lr_decay_start),
-        seed=args.seed, checkpoint=out / "checkpoint.pt", resume=args.resume, meta=settings,
-        eval_data=(test.images, test.labels), on_epoch_end=_print_epoch, progress=args.progress,
+        seed=args.seed,
+        checkpoint=out / "checkpoint.pt",
+        resume=args.resume,
+        meta=settings,
+        eval_data=(test.images, test.labels),
+        on_epoch_end=_print_epoch,
+        progress=args.progress,
     )
     logits = predict_logits(net, test.images)
     sparsity = sparsity_report(net, args.threshold)
@@ -131,16 +154,19 @@ def _print_report(report: dict[str, Any], out: Path) -> None:
     s = report["settings"]
     print(f"\n{s['model']} / {s['method']}, {s['epochs']} epochs, seed {s['seed']}")
     print(f"  test error   {report['error']:.2%}")
-    print(f"  compression  {report['compression']:.1f}x  ({report['kept']} of "
-          f"{report['weights']} weights kept)")
+    print(
+        f"  compression  {report['compression']:.1f}x  ({report['kept']} of "
+        f"{report['weights']} weights kept)"
+    )
     print(f"  test NLL     {report['nll']:.4f}")
     print(f"  ECE          {report['ece']:.4f}")
     layers = "  ".join(
         f"{name}: {layer['sparsity']:.1%}" for name, layer in report["layers"].items()
     )
     print(f"  sparsity     {layers}")
-    print(f"  wall time    {report['wall_seconds']:.0f} s "
-          f"(training {report['train_seconds']:.0f} s)")
+    print(
+        f"  wall time    {report['wall_seconds']:.0f} s (training {report['train_seconds']:.0f} s)"
+    )
     print(f"  report       {out / 'report.json'}")
 
 
@@ -153,8 +179,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("\ninterrupted: the last completed epoch is in the checkpoint; rerun with "
-                  "--resume to continue.", file=sys.stderr)
+            print(
+                "\ninterrupted: the last completed epoch is in the checkpoint; rerun with "
+                "--resume to continue.",
+                file=sys.stderr,
+            )
             return 130
         out = args.out or Path("runs") / f"{args.model}-{args.method}-s{args.seed}"
         _print_report(report, out)

@@ -28,7 +28,7 @@ METHODS: dict[str, dict[type[nn.Module], type[SparseModule]]] = {
 
 
 def sparse_modules(net: nn.Module) -> Iterator[tuple[str, SparseModule]]:
-    """``(name, module)`` for every :class:`SparseModule` in ``net``, in ``named_modules`` order."""
+    """``(name, module)`` of every :class:`SparseModule` in ``net``, in ``named_modules`` order."""
     for name, module in net.named_modules():
         if isinstance(module, SparseModule):
             yield name, module

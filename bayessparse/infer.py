@@ -74,6 +74,8 @@ class JointOptim(PyroOptim):
                 f"{type(optim_args).__name__}."
             )
         super().__init__(optim_constructor, optim_args)
+        self._constructor = optim_constructor
+        self._kwargs = optim_args
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_factor = 1.0
         self._group_names: list[list[str]] = []
@@ -115,7 +117,7 @@ class JointOptim(PyroOptim):
 
     def _add_group(self, params: list[Tensor], names: list[str]) -> None:
         if self.optimizer is None:
-            self.optimizer = self.pt_optim_constructor(params, **self.pt_optim_args)
+            self.optimizer = self._constructor(params, **self._kwargs)
         else:
             self.optimizer.add_param_group({"params": params})
         self.optimizer.param_groups[-1].setdefault("base_lr", self.optimizer.defaults["lr"])

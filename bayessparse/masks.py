@@ -6,7 +6,6 @@ import copy
 import math
 from typing import Any
 
-import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.nn.utils import prune
@@ -32,10 +31,10 @@ def masks(net: nn.Module, threshold: float | None = None) -> dict[str, Tensor]:
 
 def _strip_pyro(module: nn.Module) -> None:
     """Turn a ``PyroModule[T]`` made by ``to_pyro_module_`` back into a plain ``T``, in place."""
-    cls = type(module)
-    if isinstance(module, PyroModule) and cls.__name__.startswith("PyroModule["):
-        plain = next(c for c in cls.__mro__[1:] if not issubclass(c, PyroModule))
-        module.__class__ = plain
+    # PyroModule[T] is a cached dynamic class whose first base is T.
+    plain: type = type(module).__bases__[0]
+    if not issubclass(plain, PyroModule) and PyroModule[plain] is type(module):  # type: ignore[index]
+        module.__class__ = plain  # type: ignore[assignment]
         for attr in ("_pyro_name", "_pyro_context", "_pyro_params", "_pyro_samples"):
             module.__dict__.pop(attr, None)
 
@@ -58,8 +57,8 @@ def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False)
     if threshold is not None:
         check_threshold(threshold)
     dense = copy.deepcopy(net)
-    for name, module in list(sparse_modules(dense)):
-        replacement = module.to_dense(threshold)
+    for name, layer in list(sparse_modules(dense)):
+        replacement = layer.to_dense(threshold)
         if bake:
             prune.remove(replacement, "weight")
         parent_name, _, child_name = name.rpartition(".")

@@ -43,8 +43,8 @@ def ece(logits: Tensor, labels: Tensor, num_bins: int = 15) -> float:
     confidence, predicted = probs.max(-1)
     correct = (predicted == labels).double()
     # Bin b holds confidences in (b/B, (b+1)/B]; confidence is > 0, so index 0..B-1.
+    # sum_b |B_b|/n |acc_b - conf_b| = sum_b |sum_{i in b} correct_i - confidence_i| / n.
     bins = (confidence * num_bins).ceil().long().clamp(1, num_bins) - 1
-    count = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(correct))
     acc = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, correct)
     conf = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, confidence)
     return float((acc - conf).abs().sum() / labels.numel())

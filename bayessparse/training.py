@@ -225,7 +225,9 @@ def train(
         torch.set_rng_state(state["rng"])
         history.epochs = state["history"]
     elif resume and path is not None:
-        warnings.warn(f"No checkpoint at {str(path)!r} to resume; starting from scratch.")
+        warnings.warn(
+            f"No checkpoint at {str(path)!r} to resume; starting from scratch.", stacklevel=2
+        )
     elif path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -235,8 +237,12 @@ def train(
     svi = SVI(model, EmptyGuide(), optim, Trace_ELBO())
 
     epoch_bar = _bar(
-        range(history.completed, epochs), progress, initial=history.completed, total=epochs,
-        desc="epochs", unit="ep",
+        range(history.completed, epochs),
+        progress,
+        initial=history.completed,
+        total=epochs,
+        desc="epochs",
+        unit="ep",
     )
     for epoch in epoch_bar:
         net.train()

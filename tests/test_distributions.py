@@ -105,7 +105,7 @@ def test_fused_kl_sum_matches_autograd_through_the_formula():
     assert torch.allclose(fused, reference, rtol=1e-12)
     grads = torch.autograd.grad(fused, (theta, log_sigma2))
     expected = torch.autograd.grad(reference, (theta, log_sigma2))
-    for g, e in zip(grads, expected):
+    for g, e in zip(grads, expected, strict=True):
         assert torch.allclose(g, e, rtol=1e-10, atol=1e-14)
     assert torch.autograd.gradcheck(sparse_vd_kl_sum, (theta, log_sigma2))
 

@@ -49,10 +49,16 @@ CASES = [
     LayerCase(VariationalConv1d, (4, 6, 3), (2, 4, 9), (2, 5, 9), {"groups": 2, "dilation": 2}),
     LayerCase(VariationalConv2d, (3, 4, (3, 2)), (2, 3, 8, 7), (2, 8, 7), {"padding": 1}),
     LayerCase(
-        VariationalConv2d, (3, 4, 3), (2, 3, 8, 8), (2, 4, 8, 8),
-        {"padding": 1, "padding_mode": "reflect"}, {"log_sigma2_init": -8.0},
+        VariationalConv2d,
+        (3, 4, 3),
+        (2, 3, 8, 8),
+        (2, 4, 8, 8),
+        {"padding": 1, "padding_mode": "reflect"},
+        {"log_sigma2_init": -8.0},
     ),
-    LayerCase(VariationalConv2d, (2, 3, 3), (2, 6, 6), (1, 2, 2, 6, 6), {"stride": 2}),  # unbatched
+    LayerCase(
+        VariationalConv2d, (2, 3, 3), (2, 6, 6), (1, 2, 2, 6, 6), {"stride": 2}
+    ),  # unbatched
     LayerCase(VariationalConv3d, (2, 3, 2), (2, 2, 4, 5, 4), (2, 3, 4, 5, 4), {"bias": False}),
 ]
 DTYPES = [torch.float32, torch.float64]
@@ -64,9 +70,8 @@ def make(case: LayerCase, dtype: torch.dtype) -> SparseModule:
     # Spread the noise levels so that masks are neither all-on nor all-off.
     with torch.no_grad():
         layer.weight_log_sigma2.copy_(
-            torch.log(layer.weight**2) + torch.linspace(-6, 6, layer.weight.numel()).view_as(
-                layer.weight
-            )
+            torch.log(layer.weight**2)
+            + torch.linspace(-6, 6, layer.weight.numel()).view_as(layer.weight)
         )
     return layer
 

@@ -11,7 +11,6 @@ import math
 
 import pyro
 import pyro.distributions as dist
-import pytest
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, Trace_ELBO
@@ -155,6 +154,8 @@ def test_sparse_regression_keeps_the_truth_and_prunes_clear_nulls(record_propert
     record_property("false_positive_rate", false_positive_rate)
     # The kept nulls are the ones the data itself makes look non-zero.
     assert (z[~truth & kept].abs() > 0.5).all()
-    print(f"sparse VD false-positive rate: {false_positive_rate:.3f} "
-          f"({int(kept[~truth].sum())} of {int((~truth).sum())} nulls kept; "
-          f"|z| of kept nulls: {z[~truth & kept].abs().tolist()})")
+    print(
+        f"sparse VD false-positive rate: {false_positive_rate:.3f} "
+        f"({int(kept[~truth].sum())} of {int((~truth).sum())} nulls kept; "
+        f"|z| of kept nulls: {z[~truth & kept].abs().tolist()})"
+    )

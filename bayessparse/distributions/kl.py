@@ -20,7 +20,7 @@ LOG_ALPHA_MIN, LOG_ALPHA_MAX = -8.0, 8.0
 
 
 def sparse_vd_kl(log_alpha: Tensor) -> Tensor:
-    r"""Elementwise :math:`\mathrm{KL}(\mathcal N(\theta, \alpha\theta^2)\,\|\,p(|w|)\propto 1/|w|)`.
+    r"""Elementwise KL of :math:`\mathcal N(\theta,\alpha\theta^2)` to :math:`p(|w|)\propto 1/|w|`.
 
     The exact value, :math:`-\tfrac12\log\alpha + \mathbb E_{\varepsilon\sim\mathcal N(1,\alpha)}
     \log|\varepsilon| + C`, has no closed form. This is Molchanov et al.'s approximation
@@ -103,4 +103,4 @@ def sparse_vd_kl_sum(theta: Tensor, log_sigma2: Tensor) -> Tensor:
     Returns:
         A scalar tensor.
     """
-    return _SparseVDKLSum.apply(theta, log_sigma2)  # type: ignore[no-any-return]
+    return _SparseVDKLSum.apply(theta, log_sigma2)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from pyro.distributions import TorchDistribution
 from torch import Tensor
 from torch.distributions import constraints
+from torch.types import _size
 
 
 class LogScaleUniform(TorchDistribution):
@@ -34,7 +37,7 @@ class LogScaleUniform(TorchDistribution):
         Dropout Sparsifies Deep Neural Networks*.
     """
 
-    arg_constraints: dict[str, constraints.Constraint] = {}
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {}
     support = constraints.real
     has_rsample = False
 
@@ -43,7 +46,7 @@ class LogScaleUniform(TorchDistribution):
     ) -> None:
         super().__init__(torch.Size(batch_shape), torch.Size(), validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def, override]
+    def expand(self, batch_shape: _size, _instance: object = None) -> LogScaleUniform:
         return LogScaleUniform(batch_shape, validate_args=self._validate_args)
 
     def log_prob(self, value: Tensor) -> Tensor:
@@ -52,12 +55,12 @@ class LogScaleUniform(TorchDistribution):
             self._validate_sample(value)
         return -value.abs().log()
 
-    def sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+    def sample(self, sample_shape: _size = ()) -> Tensor:
         raise NotImplementedError(
             "LogScaleUniform is an improper prior (p(|w|) ∝ 1/|w| cannot be normalised), "
             "so it has no samples. Use it only as the prior in kl_divergence(Normal(...), "
             "LogScaleUniform()), or sample from the posterior instead."
         )
 
-    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> Tensor:
+    def rsample(self, sample_shape: _size = ()) -> Tensor:
         return self.sample(sample_shape)

@@ -90,8 +90,6 @@ class SparseModule(PyroModule):
     """
 
     default_threshold: ClassVar[float]
-    weight: Tensor
-    bias: Tensor | None
 
     @property
     def log_alpha(self) -> Tensor:
@@ -128,7 +126,8 @@ class SparseModule(PyroModule):
                 f"{type(module).__name__}."
             )
         weight = module.weight
-        layer = cls(
+        layer_cls: Any = cls  # concrete subclasses take the torch layer's arguments
+        layer = layer_cls(
             **torch_layer_kwargs(module), device=weight.device, dtype=weight.dtype, **kwargs
         )
         with torch.no_grad():
@@ -161,7 +160,7 @@ class SparseModule(PyroModule):
         mask = self.mask(threshold)
         weight = self.weight
         layer_type = torch_layer_type(self)
-        dense = layer_type(
+        dense: Any = layer_type(
             **torch_layer_kwargs(self), device=weight.device, dtype=weight.dtype
         )
         with torch.no_grad():

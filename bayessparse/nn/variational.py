@@ -71,7 +71,8 @@ class _SparseVD(SparseModule):
         """The posterior mean θ."""
         return self.weight
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:
+        x = input
         self._check_input(x)
         theta, bias = self.weight, self.bias
         if not self.training:
@@ -159,7 +160,7 @@ class _VariationalConvNd(_SparseVD):
 
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         # nn.ConvNd._conv_forward handles padding_mode, stride, dilation and groups.
-        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined, no-any-return]
+        return self._conv_forward(x, weight, bias)
 
     def _check_input(self, x: Tensor) -> None:
         n = self._spatial_dims

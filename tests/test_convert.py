@@ -1,0 +1,104 @@
+"""to_sparse_: which layers become sparse, and how the network becomes a PyroModule."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.nn import PyroModule
+from torch import nn
+
+import bayessparse as bs
+from bayessparse.models import LeNet5Caffe, LeNet300100
+from bayessparse.nn import (
+    VariationalConv1d,
+    VariationalConv2d,
+    VariationalConv3d,
+    VariationalLinear,
+)
+
+
+class Custom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.norm = nn.BatchNorm2d(4)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.ReLU())
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.head(self.norm(self.conv(x)).relu()))
+
+
+def test_converts_every_layer_type_and_keeps_the_weights():
+    net = nn.Sequential(
+        nn.Conv1d(2, 3, 3), nn.Conv2d(2, 3, 3), nn.Conv3d(2, 3, 3), nn.Linear(4, 5)
+    )
+    weights = [m.weight.clone() for m in net]
+    bs.to_sparse_(net)
+    assert [type(m) for m in net] == [
+        VariationalConv1d,
+        VariationalConv2d,
+        VariationalConv3d,
+        VariationalLinear,
+    ]
+    for module, weight in zip(net, weights, strict=True):
+        assert torch.equal(module.weight, weight)
+
+
+def test_root_and_containers_become_pyro_modules_and_norms_stay_deterministic():
+    net = bs.to_sparse_(Custom())
+    assert isinstance(net, PyroModule) and isinstance(net, Custom)
+    assert isinstance(net.head, PyroModule)
+    assert type(net.conv) is VariationalConv2d and type(net.head[1]) is VariationalLinear
+    assert isinstance(net.norm, nn.BatchNorm2d) and not isinstance(net.norm, bs.SparseModule)
+    assert net(torch.randn(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_include_predicate_selects_layers_by_name():
+    net = bs.to_sparse_(LeNet300100(), include=lambda name, m: name != "5")
+    assert [name for name, _ in bs.sparse_modules(net)] == ["1", "3"]
+    assert type(net[5]) is not VariationalLinear and isinstance(net[5], nn.Linear)
+
+
+def test_is_idempotent_and_passes_layer_options():
+    net = bs.to_sparse_(LeNet5Caffe(), train_clip=True, log_sigma2_init=-8.0)
+    first = [id(m) for _, m in bs.sparse_modules(net)]
+    bs.to_sparse_(net)
+    assert [id(m) for _, m in bs.sparse_modules(net)] == first
+    assert all(m.train_clip and m.log_sigma2_init == -8.0 for _, m in bs.sparse_modules(net))
+
+
+def test_unknown_method_names_the_choices():
+    with pytest.raises(ValueError, match="'sparse_vd'"):
+        bs.to_sparse_(LeNet300100(), method="dropconnect")
+
+
+def test_nothing_to_convert_is_an_error():
+    with pytest.raises(ValueError, match="found nothing to convert"):
+        bs.to_sparse_(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
+    with pytest.raises(ValueError, match="include"):
+        bs.to_sparse_(LeNet300100(), include=lambda name, m: False)
+    with pytest.raises(TypeError, match="nn.Module"):
+        bs.to_sparse_("lenet")  # type: ignore[arg-type]
+
+
+def test_layers_get_distinct_param_store_names_under_svi():
+    net = bs.to_sparse_(Custom())
+
+    def model(x, y):
+        logits = net(x)
+        pyro.factor("kl", -bs.kl(net))
+        with pyro.plate("data", 100, subsample=torch.arange(len(x))):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+
+    svi = SVI(model, bs.EmptyGuide(), bs.JointOptim(torch.optim.Adam, {"lr": 1e-2}), Trace_ELBO())
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    svi.step(torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,)))
+    store = dict(pyro.get_param_store().named_parameters())
+    assert set(store) == set(before)  # every parameter, BatchNorm's included, one name each
+    for name, param in net.named_parameters():
+        assert store[name] is param
+        assert not torch.equal(param, before[name]), f"{name} was not trained"

@@ -1,0 +1,88 @@
+"""masks, to_dense and sparsity_report on whole networks."""
+
+from __future__ import annotations
+
+import torch
+from pyro.nn import PyroModule
+from torch import nn
+from torch.nn.utils import prune
+
+import bayessparse as bs
+from bayessparse.models import LeNet5Caffe, LeNet300100
+from bayessparse.nn.variational import SPARSE_VD_THRESHOLD
+
+
+def sparse_net(net: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    bs.to_sparse_(net)
+    for _, layer in bs.sparse_modules(net):
+        with torch.no_grad():
+            layer.weight_log_sigma2.copy_(
+                layer.weight.square().log() + torch.empty_like(layer.weight).uniform_(-6, 6)
+            )
+    return net
+
+
+def test_default_threshold_is_log_alpha_below_three():
+    net = sparse_net(LeNet300100())
+    layer = net[1]
+    assert torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64)).item() == SPARSE_VD_THRESHOLD
+    assert torch.equal(layer.mask(), layer.log_alpha < 3)
+
+
+def test_masks_are_keyed_like_the_state_dict():
+    net = sparse_net(LeNet5Caffe())
+    masks = bs.masks(net)
+    assert list(masks) == ["0.weight", "3.weight", "7.weight", "9.weight"]
+    state = net.state_dict()
+    for key, mask in masks.items():
+        assert mask.dtype == torch.bool and mask.shape == state[key].shape
+
+
+def test_to_dense_gives_a_plain_torch_network_equal_to_the_eval_net():
+    net = sparse_net(LeNet5Caffe()).eval()
+    dense = bs.to_dense(net)
+    assert not any(isinstance(m, (PyroModule, bs.SparseModule)) for m in dense.modules())
+    assert type(dense) is LeNet5Caffe
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(dense(x), net(x))
+    assert prune.is_pruned(dense)
+    baked = bs.to_dense(net, bake=True)
+    assert not prune.is_pruned(baked)
+    assert torch.equal(baked(x), net(x))
+    # the original is untouched
+    assert isinstance(net[0], bs.SparseModule)
+
+
+def test_to_dense_round_trips_through_state_dict_of_plain_model():
+    net = sparse_net(LeNet300100()).eval()
+    baked = bs.to_dense(net, bake=True)
+    plain = LeNet300100()
+    plain.load_state_dict(baked.state_dict())
+    x = torch.randn(5, 784)
+    assert torch.equal(plain.eval()(x), net(x))
+
+
+def test_sparsity_report_counts_weights_only():
+    net = sparse_net(LeNet300100())
+    report = bs.sparsity_report(net)
+    masks = bs.masks(net)
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert report["weights"] == 784 * 300 + 300 * 100 + 100 * 10
+    assert report["kept"] == kept
+    assert report["compression"] == report["weights"] / kept
+    assert set(report["layers"]) == {"1", "3", "5"}
+    assert report["layers"]["1"]["sparsity"] == 1 - int(masks["1.weight"].sum()) / (784 * 300)
+    everything = bs.sparsity_report(net, threshold=0.0)
+    assert everything["compression"] == 1.0 and everything["sparsity"] == 0.0
+    nothing = bs.sparsity_report(net, threshold=1.0)
+    assert nothing["compression"] == float("inf")
+
+
+def test_reports_on_a_net_without_sparse_layers_fail_clearly():
+    import pytest
+
+    with pytest.raises(ValueError, match="to_sparse_"):
+        bs.sparsity_report(LeNet300100())
+    with pytest.raises(ValueError, match="to_sparse_"):
+        bs.kl(LeNet300100())

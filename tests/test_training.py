@@ -1,0 +1,236 @@
+"""The SVI training loop: schedules, checkpoints, resuming, errors, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from torch import nn
+
+import bayessparse as bs
+from bayessparse.cli import main
+from bayessparse.infer import linear_decay, linear_warmup
+from bayessparse.training import Schedule, SparseClassifier, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def toy_problem(seed: int = 0):
+    """A small linearly separable 3-class problem."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(300, 20, generator=g)
+    y = (x[:, :3].argmax(-1)).long()
+    return x, y
+
+
+def toy_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return bs.to_sparse_(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3)))
+
+
+def run(net, x, y, **kwargs):
+    defaults = dict(
+        epochs=3, batch_size=50, lr=1e-2, schedule=Schedule((0.0, 1.0)), progress=False
+    )
+    return train(net, x, y, **{**defaults, **kwargs})
+
+
+def test_training_learns_and_logs_data_term_and_kl_separately():
+    x, y = toy_problem()
+    net = toy_net()
+    history = run(net, x, y, epochs=8, eval_data=(x, y))
+    first, last = history.epochs[0], history.epochs[-1]
+    assert [r["epoch"] for r in history.epochs] == list(range(1, 9))
+    assert last["data_term"] < first["data_term"]
+    assert last["test_error"] < 0.2
+    assert all(r["kl"] > 0 and r["compression"] >= 1 for r in history.epochs)
+    assert first["kl_weight"] < 1 and last["kl_weight"] == 1
+    assert last["lr"] < 1e-2
+
+
+def test_model_loss_is_scaled_data_term_plus_weighted_kl():
+    x, y = toy_problem()
+    net = toy_net()
+    model = SparseClassifier(net, num_data=3000, kl_weight=0.25)
+    trace = pyro.poutine.trace(model).get_trace(x[:50], y[:50])
+    trace.compute_log_prob()
+    data = trace.nodes["y"]["log_prob_sum"]
+    ce = nn.functional.cross_entropy(trace.nodes["_RETURN"]["value"], y[:50], reduction="sum")
+    assert torch.allclose(data, -ce * 3000 / 50)
+    assert torch.allclose(trace.nodes["kl"]["log_prob_sum"], -0.25 * bs.kl(net))
+    assert model.last_kl == pytest.approx(bs.kl(net).item(), rel=1e-6)
+
+
+def test_resumed_training_equals_uninterrupted_training(tmp_path):
+    x, y = toy_problem()
+    straight = toy_net()
+    run(straight, x, y, epochs=3)
+
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+
+    def interrupt(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(
+            toy_net(),
+            x,
+            y,
+            epochs=3,
+            checkpoint=ckpt,
+            meta={"name": "toy"},
+            on_epoch_end=interrupt,
+        )
+    resumed = toy_net(seed=123)  # a fresh process would build a new network
+    history = run(resumed, x, y, epochs=3, checkpoint=ckpt, resume=True, meta={"name": "toy"})
+    assert history.completed == 3
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_existing_checkpoint_is_never_overwritten_without_resume(tmp_path):
+    x, y = toy_problem()
+    ckpt = tmp_path / "checkpoint.pt"
+    run(toy_net(), x, y, epochs=1, checkpoint=ckpt)
+    before = ckpt.read_bytes()
+    with pytest.raises(FileExistsError, match="resume"):
+        run(toy_net(), x, y, epochs=2, checkpoint=ckpt)
+    assert ckpt.read_bytes() == before
+    with pytest.raises(ValueError, match="different run"):
+        run(toy_net(), x, y, epochs=2, checkpoint=ckpt, resume=True, meta={"lr": 5})
+
+
+def test_bad_arguments_are_rejected_with_the_value():
+    x, y = toy_problem()
+    with pytest.raises(ValueError, match="epochs.*0"):
+        run(toy_net(), x, y, epochs=0)
+    with pytest.raises(ValueError, match="batch_size.*-1"):
+        run(toy_net(), x, y, batch_size=-1)
+    with pytest.raises(ValueError, match="lr=0"):
+        run(toy_net(), x, y, lr=0)
+    with pytest.raises(ValueError, match="300 images and 299 labels"):
+        run(toy_net(), x, y[:-1])
+    with pytest.raises(ValueError, match="to_sparse_"):
+        run(nn.Sequential(nn.Linear(20, 3)), x, y)
+
+
+def test_stale_param_store_entries_do_not_capture_training():
+    x, y = toy_problem()
+    old = toy_net()
+    run(old, x, y, epochs=1)  # leaves "0.weight" ... in the global param store
+    new = toy_net(seed=1)
+    before = new[0].weight.detach().clone()
+    run(new, x, y, epochs=1)
+    assert not torch.equal(new[0].weight, before)
+    assert pyro.get_param_store()["0.weight"] is new[0].weight
+
+
+def test_joint_optim_steps_exactly_like_one_torch_optimizer():
+    torch.manual_seed(0)
+    a = pyro.param("a", torch.randn(5))
+    b = pyro.param("b", torch.randn(2, 3))
+    twins = [p.detach().clone().requires_grad_() for p in (a, b)]
+    joint = bs.JointOptim(torch.optim.Adam, {"lr": 0.1})
+    plain = torch.optim.Adam(twins, lr=0.1)
+    for step in range(5):
+        joint.lr_factor = 0.5**step
+        plain.param_groups[0]["lr"] = 0.1 * 0.5**step
+        for params in ((a, b), twins):
+            (params[0].square().sum() + params[1].sin().sum()).backward()
+        joint({b, a})  # Pyro passes a set
+        plain.step()
+        plain.zero_grad()
+        assert torch.equal(a, twins[0]) and torch.equal(b, twins[1])
+        assert a.grad is None  # freed, so SVI's zero_grads has nothing to do
+    with pytest.raises(TypeError, match="optim_args"):
+        bs.JointOptim(torch.optim.Adam, lambda *_: {"lr": 1})  # type: ignore[arg-type]
+
+
+def test_schedules():
+    assert [linear_warmup(e, 5, 20) for e in (0, 5, 12.5, 20, 30)] == [0, 0, 0.5, 1, 1]
+    assert linear_warmup(3, 2, 2) == 1.0 and linear_warmup(1, 2, 2) == 0.0
+    assert [linear_decay(e, 200, 100) for e in (0, 100, 150, 200)] == [1, 1, 0.5, 0]
+
+
+def test_cli_trains_on_mnist_and_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--epochs",
+            "3",
+            "--kl-warmup",
+            "0.5",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--threads",
+            "2",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    printed = capsys.readouterr().out
+    assert "test error" in printed and "compression" in printed
+    # Three epochs of sparse VD on LeNet-300-100: already accurate and several-fold sparser.
+    assert report["error"] < 0.03
+    assert report["compression"] > 5
+    assert 0 < report["nll"] < 0.15 and 0 <= report["ece"] < 0.05
+    assert set(report["layers"]) == {"1", "3", "5"}
+    assert len(report["history"]) == 3 and report["wall_seconds"] > 0
+    assert main(["train", "--epochs", "2", "--out", str(out), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_cli_reports_missing_data_clearly(tmp_path, capsys):
+    assert main(["train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "Missing checksum file" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_without_losing_a_completed_epoch(tmp_path):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bayessparse",
+        "train",
+        "--epochs",
+        "3",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
+    ckpt = out / "checkpoint.pt"
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not ckpt.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)  # well inside epoch 2
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    saved = torch.load(ckpt, weights_only=False)
+    assert len(saved["history"]) == 1
+    result = subprocess.run([*cmd, "--resume"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert [r["epoch"] for r in report["history"]] == [1, 2, 3]
+    assert report["history"][0] == saved["history"][0]
