@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
@@ -27,6 +28,14 @@ METHODS: dict[str, dict[type[nn.Module], type[SparseModule]]] = {
 }
 
 
+def unwrap_pyro_type(cls: type) -> type:
+    """``T`` for a ``PyroModule[T]`` class made by Pyro (``to_pyro_module_``), else ``cls``."""
+    plain: type = cls.__bases__[0] if cls.__bases__ else cls
+    if not issubclass(plain, PyroModule) and PyroModule[plain] is cls:  # type: ignore[index]
+        return plain
+    return cls
+
+
 def sparse_modules(net: nn.Module) -> Iterator[tuple[str, SparseModule]]:
     """``(name, module)`` of every :class:`SparseModule` in ``net``, in ``named_modules`` order."""
     for name, module in net.named_modules():
@@ -42,7 +51,8 @@ def to_sparse_(
 ) -> nn.Module:
     """Replace the layers of ``net`` by Bayesian sparse layers, in place, and return ``net``.
 
-    Layers are matched by exact type (``nn.Linear``, ``nn.Conv1d/2d/3d``), so subclasses
+    Layers are matched by exact type (``nn.Linear``, ``nn.Conv1d/2d/3d``, or Pyro's
+    ``PyroModule[nn.Linear]`` and the like), so subclasses
     with their own behaviour and layers that are already sparse are left alone: calling it
     twice is harmless. Each new layer starts from the old one's weights
     (:meth:`~bayessparse.nn.SparseModule.from_dense`). Normalisation and other layers stay
@@ -81,10 +91,12 @@ def to_sparse_(
     for parent_name, parent in list(net.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            sparse_cls = table.get(type(child))
+            sparse_cls = table.get(unwrap_pyro_type(type(child)))
             if sparse_cls is None or (include is not None and not include(name, child)):
                 continue
-            setattr(parent, child_name, sparse_cls.from_dense(child, **layer_kwargs))
+            # Assign in place: setattr on a PyroModule parent would move the child to the end
+            # of _modules and so reorder an nn.Sequential.
+            parent._modules[child_name] = sparse_cls.from_dense(child, **layer_kwargs)
             converted += 1
     already_sparse = any(True for _ in sparse_modules(net))
     if converted == 0 and not already_sparse:
@@ -95,5 +107,7 @@ def to_sparse_(
             f"{'passed include' if include is not None else 'in the network'}. The network "
             f"holds {found}. Check the include predicate or the layer types."
         )
+    # Converts the tree and re-registers every child in order, which names each
+    # parameter in Pyro's param store by its path from the root.
     to_pyro_module_(net)
     return net

@@ -6,11 +6,10 @@ import copy
 import math
 from typing import Any
 
-from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from bayessparse.convert import sparse_modules
+from bayessparse.convert import sparse_modules, unwrap_pyro_type
 from bayessparse.nn.base import check_threshold
 
 
@@ -31,10 +30,9 @@ def masks(net: nn.Module, threshold: float | None = None) -> dict[str, Tensor]:
 
 def _strip_pyro(module: nn.Module) -> None:
     """Turn a ``PyroModule[T]`` made by ``to_pyro_module_`` back into a plain ``T``, in place."""
-    # PyroModule[T] is a cached dynamic class whose first base is T.
-    plain: type = type(module).__bases__[0]
-    if not issubclass(plain, PyroModule) and PyroModule[plain] is type(module):  # type: ignore[index]
-        module.__class__ = plain  # type: ignore[assignment]
+    plain = unwrap_pyro_type(type(module))
+    if plain is not type(module):
+        module.__class__ = plain
         for attr in ("_pyro_name", "_pyro_context", "_pyro_params", "_pyro_samples"):
             module.__dict__.pop(attr, None)
 

@@ -71,6 +71,23 @@ def test_is_idempotent_and_passes_layer_options():
     assert all(m.train_clip and m.log_sigma2_init == -8.0 for _, m in bs.sparse_modules(net))
 
 
+def test_converting_in_steps_keeps_the_layer_order():
+    torch.manual_seed(0)
+    plain = LeNet300100()
+    net = bs.to_sparse_(LeNet300100(), include=lambda name, m: name == "1")
+    net.load_state_dict(plain.state_dict(), strict=False)
+    bs.to_sparse_(net, include=lambda name, m: name == "3")
+    assert [name for name, _ in net.named_children()] == [str(i) for i in range(6)]
+    assert [type(m).__name__ for m in net][:4] == [
+        "PyroFlatten",
+        "VariationalLinear",
+        "PyroReLU",
+        "VariationalLinear",
+    ]
+    x = torch.randn(2, 784)
+    assert torch.equal(bs.to_dense(net, threshold=0.0)(x), plain(x))
+
+
 def test_unknown_method_names_the_choices():
     with pytest.raises(ValueError, match="'sparse_vd'"):
         bs.to_sparse_(LeNet300100(), method="dropconnect")

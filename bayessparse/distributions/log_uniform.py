@@ -41,9 +41,7 @@ class LogScaleUniform(TorchDistribution):
     support = constraints.real
     has_rsample = False
 
-    def __init__(
-        self, batch_shape: torch.Size | tuple[int, ...] = (), validate_args: bool | None = None
-    ) -> None:
+    def __init__(self, batch_shape: _size = (), validate_args: bool | None = None) -> None:
         super().__init__(torch.Size(batch_shape), torch.Size(), validate_args=validate_args)
 
     def expand(self, batch_shape: _size, _instance: object = None) -> LogScaleUniform:
