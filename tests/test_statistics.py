@@ -49,13 +49,18 @@ def spread_posterior_(layer: nn.Module) -> None:
             layer.bias.normal_()
 
 
+def posterior(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and sd of the weight posterior q(w) = N(theta, sigma^2)."""
+    return layer.weight.detach(), layer.weight_log_sigma2.detach().mul(0.5).exp()
+
+
 def test_linear_lrt_moments_match_weight_space_monte_carlo():
     torch.manual_seed(0)
     n = 20000
     layer = VariationalLinear(6, 3, dtype=torch.float64)
     spread_posterior_(layer)
     x = torch.randn(6, dtype=torch.float64)
-    theta, sigma = layer.weight.detach(), layer.weight_log_sigma2.detach().mul(0.5).exp()
+    theta, sigma = posterior(layer)
     mean = F.linear(x, theta, layer.bias.detach())
     var = F.linear(x * x, sigma**2)
     z = z_for(2 * 2 * 3)  # {LRT, weight space} x {mean, variance} x 3 units
@@ -73,7 +78,7 @@ def test_conv_lrt_moments_match_weight_space_monte_carlo():
     layer = VariationalConv2d(2, 2, 3, padding=1, dtype=torch.float64)
     spread_posterior_(layer)
     x = torch.randn(1, 2, 3, 3, dtype=torch.float64)
-    theta, sigma = layer.weight.detach(), layer.weight_log_sigma2.detach().mul(0.5).exp()
+    theta, sigma = posterior(layer)
     mean = F.conv2d(x, theta, layer.bias.detach(), padding=1).flatten()
     var = F.conv2d(x * x, sigma**2, padding=1).flatten()
     z = z_for(2 * 2 * mean.numel())

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayessparse.distributions.kl import LOG_ALPHA_MAX, _clamped_log_alpha, sparse_vd_kl_sum
+from bayessparse.distributions.kl import _clamped_log_alpha, sparse_vd_kl_sum
 from bayessparse.nn.base import SparseModule, torch_layer_type
 
 # keep_prob = sigmoid(-log alpha) > sigmoid(-3)  <=>  log alpha < 3, the paper's rule.
-ALPHA_MAX = math.exp(LOG_ALPHA_MAX)
 SPARSE_VD_THRESHOLD = float(torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64)))
 
 
@@ -76,8 +74,7 @@ class _SparseVD(SparseModule):
     def forward(self, input: Tensor) -> Tensor:
         x = input
         self._check_input(x)
-        theta = theta_full = self.weight
-        bias = self.bias
+        theta, bias = self.weight, self.bias
         if not self.training:
             return self._op(x, theta * self.mask().to(theta.dtype), bias)
         if self.train_clip:
@@ -87,12 +84,7 @@ class _SparseVD(SparseModule):
                 keep = _clamped_log_alpha(theta, self.weight_log_sigma2) < 3.0
             theta = theta * keep.to(theta.dtype)
         mean = self._op(x, theta, bias)
-        # sigma^2 capped at alpha_max * theta^2, i.e. the official code's alpha theta^2 with
-        # log alpha clipped at 8: the noise of a pruned weight then shrinks with theta.
-        weight_var = torch.minimum(
-            self.weight_log_sigma2.exp(), theta_full * theta_full * ALPHA_MAX
-        )
-        var = self._op(x * x, weight_var, None)
+        var = self._op(x * x, self.weight_log_sigma2.exp(), None)
         # 1e-8 keeps sqrt differentiable where every input to a unit is zero.
         return mean + (var + 1e-8).sqrt() * torch.randn_like(mean)
 
