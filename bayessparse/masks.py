@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from bayessparse.convert import sparse_modules, unwrap_pyro_type
-from bayessparse.nn.base import check_threshold
+from bayessparse.nn.base import SparseModule, check_threshold
 
 
 def masks(net: nn.Module, threshold: float | None = None) -> dict[str, Tensor]:
@@ -54,17 +54,25 @@ def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False)
     """
     if threshold is not None:
         check_threshold(threshold)
+    if isinstance(net, SparseModule):  # a bare layer: no copy of the Pyro layer needed
+        return _plain_layer(net, threshold, bake)
     dense = copy.deepcopy(net)
     for name, layer in list(sparse_modules(dense)):
-        replacement = layer.to_dense(threshold)
-        if bake:
-            prune.remove(replacement, "weight")
         parent_name, _, child_name = name.rpartition(".")
-        parent = dense.get_submodule(parent_name)
-        setattr(parent, child_name, replacement)
+        # Assign into _modules directly so that the layer keeps its place in a Sequential.
+        dense.get_submodule(parent_name)._modules[child_name] = _plain_layer(
+            layer, threshold, bake
+        )
     for module in dense.modules():
         _strip_pyro(module)
     return dense
+
+
+def _plain_layer(layer: SparseModule, threshold: float | None, bake: bool) -> nn.Module:
+    plain = layer.to_dense(threshold)
+    if bake:
+        prune.remove(plain, "weight")
+    return plain
 
 
 def sparsity_report(net: nn.Module, threshold: float | None = None) -> dict[str, Any]:

@@ -247,7 +247,9 @@ def train(
     for epoch in epoch_bar:
         net.train()
         start = time.perf_counter()
-        order = torch.randperm(num_data, generator=torch.Generator().manual_seed(seed + epoch))
+        # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        epoch_rng = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(num_data, generator=epoch_rng)
         data_sum = kl_sum = 0.0
         batches = _bar(range(num_batches), progress, desc=f"epoch {epoch + 1}", leave=False)
         for i in batches:

@@ -125,7 +125,7 @@ def test_eval_equals_to_dense(case, dtype, threshold):
     assert type(dense) is torch_type(layer)
     assert torch.equal(layer.eval()(x), dense.eval()(x))
     baked = bs.to_dense(layer, threshold, bake=True)
-    assert not hasattr(baked, "weight_mask")
+    assert type(baked) is torch_type(layer) and not hasattr(baked, "weight_mask")
     assert torch.equal(layer(x), baked.eval()(x))
 
 
