@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 import bayessparse as bs
-from bayessparse.cli import main
+from bayessparse.cli import build_net, main
 from bayessparse.infer import linear_decay, linear_warmup
 from bayessparse.training import Schedule, SparseClassifier, train
 
@@ -234,3 +235,16 @@ def test_killed_run_resumes_without_losing_a_completed_epoch(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert [r["epoch"] for r in report["history"]] == [1, 2, 3]
     assert report["history"][0] == saved["history"][0]
+
+
+def test_paper_init_is_what_the_official_code_runs():
+    torch.manual_seed(0)
+    net = build_net("lenet5", "sparse_vd", "paper").requires_grad_(False)
+    conv, dense = net[3], net[7]
+    bound = math.sqrt(6 / (20 * 25 + 50 * 25))  # Glorot uniform of a 20->50 5x5 conv
+    assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound
+    # N(0, 0.01^2) over 400,000 weights: the sample sd is within 1 % of 0.01.
+    assert abs(float(dense.weight.std()) - 0.01) < 1e-4
+    assert all(float(m.bias.abs().max()) == 0 for _, m in bs.sparse_modules(net))
+    with pytest.raises(ValueError, match="Unknown init"):
+        build_net("lenet5", "sparse_vd", "he")
