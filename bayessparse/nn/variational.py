@@ -77,14 +77,15 @@ class _SparseVD(SparseModule):
         theta, bias = self.weight, self.bias
         if not self.training:
             return self._op(x, theta * self.mask().to(theta.dtype), bias)
+        log_sigma2 = self.weight_log_sigma2  # one PyroModule lookup (a pyro.param) per use
         if self.train_clip:
             # Drop already-pruned weights (log alpha >= 3) from the mean, as the official
             # LeNet recipes do. The mask carries no gradient, so build it outside autograd.
             with torch.no_grad():
-                keep = _clamped_log_alpha(theta, self.weight_log_sigma2) < 3.0
+                keep = _clamped_log_alpha(theta, log_sigma2) < 3.0
             theta = theta * keep.to(theta.dtype)
         mean = self._op(x, theta, bias)
-        var = self._op(x * x, self.weight_log_sigma2.exp(), None)
+        var = self._op(x * x, log_sigma2.exp(), None)
         # 1e-8 keeps sqrt differentiable where every input to a unit is zero.
         return mean + (var + 1e-8).sqrt() * torch.randn_like(mean)
 
