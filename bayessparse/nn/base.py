@@ -6,6 +6,7 @@ import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.nn.utils import prune
@@ -108,6 +109,39 @@ class SparseModule(PyroModule):
         """The deterministic weight before masking, same shape as ``weight``."""
         raise NotImplementedError
 
+    def dense_bias(self) -> Tensor | None:
+        """The deterministic bias before masking (``bias`` unless the family gates it)."""
+        return self.bias
+
+    def bias_mask(self, threshold: float | None = None) -> Tensor | None:
+        """Boolean bias mask for families that prune whole output units, else ``None``."""
+        return None
+
+    # Shared by all families: the torch layer's operation and input check.
+    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if isinstance(self, nn.Linear):
+            return F.linear(x, weight, bias)
+        # nn.ConvNd._conv_forward handles padding_mode, stride, dilation and groups.
+        return self._conv_forward(x, weight, bias)
+
+    def _check_input(self, x: Tensor) -> None:
+        if isinstance(self, nn.Linear):
+            if x.dim() == 0 or x.shape[-1] != self.in_features:
+                raise ValueError(
+                    f"{type(self).__name__} expected input of shape (*, {self.in_features}), "
+                    f"got {tuple(x.shape)}. Flatten or reshape the input so its last "
+                    "dimension is in_features."
+                )
+            return
+        n, channels = self.weight.dim() - 2, self.in_channels
+        if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != channels:
+            spatial = ", ".join("*" * n)
+            raise ValueError(
+                f"{type(self).__name__} expected input of shape (N, {channels}, {spatial}) "
+                f"or ({channels}, {spatial}), got {tuple(x.shape)}. Check the channel "
+                "dimension and the number of spatial dimensions."
+            )
+
     @classmethod
     def from_dense(cls, module: nn.Module, **kwargs: Any) -> SparseModule:
         """A new sparse layer whose deterministic weight and bias are copied from ``module``.
@@ -155,7 +189,8 @@ class SparseModule(PyroModule):
         """A plain torch layer with this layer's masked deterministic weight.
 
         The mask is attached in :mod:`torch.nn.utils.prune` format (``weight_orig`` and
-        ``weight_mask``); ``torch.nn.utils.prune.remove`` bakes it into plain zeros.
+        ``weight_mask``, and ``bias_orig``/``bias_mask`` for families that prune whole
+        output units); ``torch.nn.utils.prune.remove`` bakes it into plain zeros.
         """
         mask = self.mask(threshold)
         weight = self.weight
@@ -163,9 +198,12 @@ class SparseModule(PyroModule):
         dense: Any = layer_type(
             **torch_layer_kwargs(self), device=weight.device, dtype=weight.dtype
         )
+        bias, bias_mask = self.dense_bias(), self.bias_mask(threshold)
         with torch.no_grad():
             dense.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
+            if bias is not None:
+                dense.bias.copy_(bias)
         prune.custom_from_mask(dense, "weight", mask)
+        if bias_mask is not None:
+            prune.custom_from_mask(dense, "bias", bias_mask)
         return dense.train(self.training)

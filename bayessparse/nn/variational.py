@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bayessparse.distributions.kl import _clamped_log_alpha, sparse_vd_kl_sum
@@ -47,12 +46,6 @@ class _SparseVD(SparseModule):
         if "weight_log_sigma2" in self._parameters:
             with torch.no_grad():
                 self.weight_log_sigma2.fill_(self.log_sigma2_init)
-
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        raise NotImplementedError
-
-    def _check_input(self, x: Tensor) -> None:
-        raise NotImplementedError
 
     @property
     def log_alpha(self) -> Tensor:
@@ -134,68 +127,41 @@ class VariationalLinear(nn.Linear, _SparseVD):
             train_clip=train_clip,
         )
 
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.linear(x, weight, bias)
-
-    def _check_input(self, x: Tensor) -> None:
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__} expected input of shape (*, {self.in_features}), got "
-                f"{tuple(x.shape)}. Flatten or reshape the input so its last dimension is "
-                "in_features."
-            )
-
     reset_parameters = _SparseVD.reset_parameters
     forward = _SparseVD.forward
 
 
-class _VariationalConvNd(_SparseVD):
-    """Conv-specific parts shared by the 1d/2d/3d sparse-VD convolutions.
+class VariationalConv1d(nn.Conv1d, _SparseVD):
+    """Sparse variational dropout ``nn.Conv1d``.
 
-    The constructor takes the arguments of the torch convolution plus the keyword-only
-    ``log_sigma2_init`` and ``train_clip`` of :class:`VariationalLinear`.
+    Same constructor as the torch convolution, plus the keyword-only ``log_sigma2_init`` and
+    ``train_clip`` of :class:`VariationalLinear`.
     """
 
-    in_channels: int
-    _spatial_dims: ClassVar[int]
-
-    def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        # nn.ConvNd._conv_forward handles padding_mode, stride, dilation and groups.
-        return self._conv_forward(x, weight, bias)
-
-    def _check_input(self, x: Tensor) -> None:
-        n = self._spatial_dims
-        if x.dim() not in (n + 1, n + 2) or x.shape[-n - 1] != self.in_channels:
-            spatial = ", ".join("*" * n)
-            raise ValueError(
-                f"{type(self).__name__} expected input of shape (N, {self.in_channels}, "
-                f"{spatial}) or ({self.in_channels}, {spatial}), got {tuple(x.shape)}. Check "
-                "the channel dimension and the number of spatial dimensions."
-            )
-
-
-class VariationalConv1d(nn.Conv1d, _VariationalConvNd):
-    """Sparse variational dropout ``nn.Conv1d``; see :class:`_VariationalConvNd`."""
-
-    _spatial_dims = 1
     __init__ = _SparseVD._construct
     reset_parameters = _SparseVD.reset_parameters
     forward = _SparseVD.forward
 
 
-class VariationalConv2d(nn.Conv2d, _VariationalConvNd):
-    """Sparse variational dropout ``nn.Conv2d``; see :class:`_VariationalConvNd`."""
+class VariationalConv2d(nn.Conv2d, _SparseVD):
+    """Sparse variational dropout ``nn.Conv2d``.
 
-    _spatial_dims = 2
+    Same constructor as the torch convolution, plus the keyword-only ``log_sigma2_init`` and
+    ``train_clip`` of :class:`VariationalLinear`.
+    """
+
     __init__ = _SparseVD._construct
     reset_parameters = _SparseVD.reset_parameters
     forward = _SparseVD.forward
 
 
-class VariationalConv3d(nn.Conv3d, _VariationalConvNd):
-    """Sparse variational dropout ``nn.Conv3d``; see :class:`_VariationalConvNd`."""
+class VariationalConv3d(nn.Conv3d, _SparseVD):
+    """Sparse variational dropout ``nn.Conv3d``.
 
-    _spatial_dims = 3
+    Same constructor as the torch convolution, plus the keyword-only ``log_sigma2_init`` and
+    ``train_clip`` of :class:`VariationalLinear`.
+    """
+
     __init__ = _SparseVD._construct
     reset_parameters = _SparseVD.reset_parameters
     forward = _SparseVD.forward
