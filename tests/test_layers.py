@@ -17,12 +17,17 @@ from torch import nn
 
 import bayessparse as bs
 from bayessparse.nn import (
+    L0Conv1d,
+    L0Conv2d,
+    L0Conv3d,
+    L0Linear,
     SparseModule,
     VariationalConv1d,
     VariationalConv2d,
     VariationalConv3d,
     VariationalLinear,
 )
+from bayessparse.nn.variational import _SparseVD
 
 
 @dataclass
@@ -33,8 +38,19 @@ class LayerCase:
     bad_input_shape: tuple[int, ...]
     kwargs: dict[str, Any] = field(default_factory=dict)  # torch layer arguments
     options: dict[str, Any] = field(default_factory=dict)  # sparse-layer options
-    # parameters that carry the posterior and must get a gradient from the KL
-    variational_params: tuple[str, ...] = ("weight", "weight_log_sigma2")
+
+    @property
+    def variational_params(self) -> tuple[str, ...]:
+        """Parameters that carry the posterior and must get a gradient from kl()."""
+        if issubclass(self.cls, _SparseVD):
+            return ("weight", "weight_log_sigma2")
+        return ("gate_log_alpha",) + (("weight",) if self.options.get("weight_decay") else ())
+
+    @property
+    def open_options(self) -> dict[str, Any]:
+        """Options under which a fresh layer passes its dense weights through unchanged."""
+        # L0: the test gate is 1 once log alpha >= log 11, i.e. droprate_init < 1/12.
+        return {} if issubclass(self.cls, _SparseVD) else {"droprate_init": 0.01}
 
     def __str__(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in {**self.kwargs, **self.options}.items())
@@ -60,19 +76,40 @@ CASES = [
         VariationalConv2d, (2, 3, 3), (2, 6, 6), (1, 2, 2, 6, 6), {"stride": 2}
     ),  # unbatched
     LayerCase(VariationalConv3d, (2, 3, 2), (2, 2, 4, 5, 4), (2, 3, 4, 5, 4), {"bias": False}),
+    LayerCase(L0Linear, (7, 5), (4, 7), (4, 6)),  # gates on input units
+    LayerCase(L0Linear, (7, 5), (3, 2, 7), (3, 7, 2), options={"gate": "output"}),
+    LayerCase(L0Linear, (7, 5), (4, 7), (4, 8), {"bias": False}, {"gate": "weight"}),
+    LayerCase(L0Linear, (7, 5), (4, 7), (4, 8), options={"weight_decay": 0.1, "l0_lambda": 0.5}),
+    LayerCase(L0Conv1d, (4, 6, 3), (2, 4, 9), (2, 5, 9), {"groups": 2}),  # output channels
+    LayerCase(L0Conv2d, (3, 4, (3, 2)), (2, 3, 8, 7), (2, 8, 7), {"padding": 1}),
+    LayerCase(L0Conv2d, (3, 4, 3), (3, 8, 8), (2, 8, 8), options={"gate": "input"}),
+    LayerCase(
+        L0Conv3d,
+        (2, 3, 2),
+        (2, 2, 4, 5, 4),
+        (2, 3, 4, 5, 4),
+        {"bias": False},
+        {"gate": "weight", "temperature": 0.5},
+    ),
 ]
 DTYPES = [torch.float32, torch.float64]
+
+
+def spread_(layer: SparseModule) -> None:
+    """Spread the posterior so that masks are neither all-on nor all-off."""
+    with torch.no_grad():
+        if isinstance(layer, _SparseVD):
+            steps = torch.linspace(-6, 6, layer.weight.numel()).view_as(layer.weight)
+            layer.weight_log_sigma2.copy_(torch.log(layer.weight**2) + steps)
+        else:
+            gates = layer.gate_log_alpha
+            gates.copy_(torch.linspace(-4, 4, gates.numel()).view_as(gates))
 
 
 def make(case: LayerCase, dtype: torch.dtype) -> SparseModule:
     torch.manual_seed(0)
     layer = case.cls(*case.args, **case.kwargs, **case.options, dtype=dtype)
-    # Spread the noise levels so that masks are neither all-on nor all-off.
-    with torch.no_grad():
-        layer.weight_log_sigma2.copy_(
-            torch.log(layer.weight**2)
-            + torch.linspace(-6, 6, layer.weight.numel()).view_as(layer.weight)
-        )
+    spread_(layer)
     return layer
 
 
@@ -140,7 +177,7 @@ def test_to_dense_uses_prune_format(case, dtype):
 def test_keep_prob_in_unit_interval_and_mask_monotone(case, dtype):
     layer = make(case, dtype)
     p = layer.keep_prob()
-    assert p.shape == layer.weight.shape
+    assert torch.broadcast_shapes(p.shape, layer.weight.shape) == layer.weight.shape
     assert ((p >= 0) & (p <= 1)).all()
     counts = [int(layer.mask(t).sum()) for t in torch.linspace(0, 1, 11).tolist()]
     assert counts == sorted(counts, reverse=True)
@@ -186,7 +223,7 @@ def test_forward_gives_gradients_to_every_parameter(case, dtype):
 def test_from_dense_keeps_the_weights_and_the_output(case, dtype):
     torch.manual_seed(1)
     plain = torch_type(make(case, dtype))(*case.args, **case.kwargs, dtype=dtype)
-    layer = case.cls.from_dense(plain, **case.options)
+    layer = case.cls.from_dense(plain, **case.options, **case.open_options)
     assert type(layer) is case.cls
     for option, value in case.options.items():
         assert getattr(layer, option) == value
@@ -229,7 +266,13 @@ def test_wrong_input_shape_raises_clear_error(case):
     assert str(case.bad_input_shape) in str(info.value)
 
 
-def test_reset_parameters_resets_the_posterior(case):
+def test_reset_parameters_redraws_everything_as_at_construction(case):
     layer = make(case, torch.float32)
+    torch.manual_seed(5)
     layer.reset_parameters()
-    assert torch.all(layer.weight_log_sigma2 == layer.log_sigma2_init)
+    torch.manual_seed(5)
+    fresh = case.cls(*case.args, **case.kwargs, **case.options)
+    for (name, value), expected in zip(
+        layer.state_dict().items(), fresh.state_dict().values(), strict=True
+    ):
+        assert torch.equal(value, expected), name

@@ -1,6 +1,8 @@
-"""Sparsity-inducing priors as :mod:`pyro.distributions` and their KL divergences."""
+"""Sparsity-inducing priors and gates as :mod:`pyro.distributions`, and their KL divergences."""
 
+from bayessparse.distributions.hard_concrete import HardConcrete
+from bayessparse.distributions.horseshoe import Horseshoe, log_exp1_scaled
 from bayessparse.distributions.kl import sparse_vd_kl
 from bayessparse.distributions.log_uniform import LogScaleUniform
 
-__all__ = ["LogScaleUniform", "sparse_vd_kl"]
+__all__ = ["HardConcrete", "Horseshoe", "LogScaleUniform", "log_exp1_scaled", "sparse_vd_kl"]

@@ -1,6 +1,7 @@
 """Bayesian sparse layers: drop-in replacements for ``nn.Linear`` and ``nn.ConvNd``."""
 
 from bayessparse.nn.base import SparseModule
+from bayessparse.nn.l0 import L0Conv1d, L0Conv2d, L0Conv3d, L0Linear
 from bayessparse.nn.variational import (
     VariationalConv1d,
     VariationalConv2d,
@@ -9,6 +10,10 @@ from bayessparse.nn.variational import (
 )
 
 __all__ = [
+    "L0Conv1d",
+    "L0Conv2d",
+    "L0Conv3d",
+    "L0Linear",
     "SparseModule",
     "VariationalConv1d",
     "VariationalConv2d",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +90,7 @@ class SparseModule(PyroModule):
     Invariant (tested for every class): ``m.eval()(x) == m.to_dense()(x)``.
     """
 
-    default_threshold: ClassVar[float]
+    default_threshold: float  # class default; an instance may override it
 
     @property
     def log_alpha(self) -> Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ class _SparseVD(SparseModule):
     :math:`m = [\log\alpha < 3]`.
     """
 
-    default_threshold: ClassVar[float] = SPARSE_VD_THRESHOLD
+    default_threshold: float = SPARSE_VD_THRESHOLD
     weight_log_sigma2: nn.Parameter
 
     # Sparse layers subclass their torch layer first (``class VariationalLinear(nn.Linear,
