@@ -8,6 +8,7 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +16,65 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bayessparse.convert import METHODS, to_sparse_
+from bayessparse.convert import METHODS, sparse_modules, to_sparse_
 from bayessparse.data import DataError, load_mnist, preprocess
 from bayessparse.masks import sparsity_report
 from bayessparse.metrics import classification_report, predict_logits
 from bayessparse.models import MODELS
 from bayessparse.training import Schedule, train
 
-# Compressed versions of the official sparse-VD recipes (papers.md sections 1e and 7):
-# Adam 1e-3, batch 100, KL warm-up, lr constant then linear to 0 over the second half.
-RECIPES: dict[str, dict[str, Any]] = {
-    "lenet300": {"epochs": 40, "kl_warmup": (2.0, 10.0)},
-    "lenet5": {"epochs": 15, "kl_warmup": (0.5, 5.0)},
+
+@dataclass(frozen=True)
+class Recipe:
+    """Default training settings of one (model, method); command-line flags override them.
+
+    Attributes:
+        epochs, kl_warmup, lr_decay_start, init: as the flags of the same names.
+        layer: options of every sparse layer.
+        first_layer: options that replace ``layer``'s for the first sparse layer.
+    """
+
+    epochs: int
+    kl_warmup: tuple[float, float] = (0.0, 0.0)
+    lr_decay_start: float | None = None
+    init: str = "paper"
+    layer: dict[str, Any] = field(default_factory=dict)
+    first_layer: dict[str, Any] = field(default_factory=dict)
+
+
+RECIPES: dict[tuple[str, str], Recipe] = {
+    # The official sparse-VD recipes compressed in time (papers.md sections 1e and 7): Adam
+    # 1e-3, batch 100, KL warm-up, lr constant then linear to 0 over the second half.
+    ("lenet300", "sparse_vd"): Recipe(40, (2.0, 10.0), layer={"train_clip": True}),
+    ("lenet5", "sparse_vd"): Recipe(15, (0.5, 5.0), layer={"train_clip": True}),
+    # The official L0 recipes (papers.md section 2c): Adam 1e-3 without a schedule, torch's
+    # init, droprate_init 0.2 on the input layer and 0.5 elsewhere; lambda = 0.1/N for the
+    # MLP and 1/N for LeNet-5 (the code's `lamba` defaults).
+    ("lenet300", "l0"): Recipe(
+        200,
+        lr_decay_start=200.0,
+        init="torch",
+        layer={"l0_lambda": 0.1, "droprate_init": 0.5},
+        first_layer={"droprate_init": 0.2},
+    ),
+    ("lenet5", "l0"): Recipe(
+        200, lr_decay_start=200.0, init="torch", layer={"l0_lambda": 1.0, "droprate_init": 0.5}
+    ),
 }
 
 
 INITS = ("paper", "normal", "torch")
 
 
-def build_net(model: str, method: str, init: str = "paper", **layer_kwargs: Any) -> nn.Module:
-    """A reference network with its layers made sparse.
+def build_net(
+    model: str,
+    method: str,
+    init: str = "paper",
+    first_layer: dict[str, Any] | None = None,
+    **layer_kwargs: Any,
+) -> nn.Module:
+    """A reference network with its layers made sparse (``first_layer``: the first one's
+    options, replacing ``layer_kwargs``).
 
     ``init`` chooses the starting weights (biases 0 in the first two):
 
@@ -56,7 +96,25 @@ def build_net(model: str, method: str, init: str = "paper", **layer_kwargs: Any)
                     nn.init.normal_(module.weight, 0.0, 0.01)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+    if first_layer:
+        first = next(
+            name for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+        )
+        to_sparse_(
+            net, method, include=lambda name, _: name == first, **{**layer_kwargs, **first_layer}
+        )
     return to_sparse_(net, method, **layer_kwargs)
+
+
+def kept_architecture(net: nn.Module, threshold: float | None = None) -> str:
+    """Kept units in the papers' notation: output channels of each convolution, then input
+    units of each linear layer (e.g. 20-25-45-462 for LeNet-5-Caffe)."""
+    layers = sparsity_report(net, threshold)["layers"]
+    units = [
+        layers[name]["inputs_kept" if isinstance(module, nn.Linear) else "outputs_kept"]
+        for name, module in sparse_modules(net)
+    ]
+    return "-".join(str(u) for u in units)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -75,13 +133,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("START", "END"),
         help="KL weight 0 before epoch START, 1 from END (default: per model)",
     )
-    t.add_argument("--lr-decay-start", type=float, help="default: half the epochs")
-    t.add_argument("--init", choices=INITS, default="paper", help="initial weights")
+    t.add_argument("--lr-decay-start", type=float, help="default: per recipe")
+    t.add_argument("--init", choices=INITS, help="initial weights (default: per recipe)")
     t.add_argument(
         "--no-train-clip",
         dest="train_clip",
         action="store_false",
-        help="keep weights with log alpha >= 3 in the training mean",
+        help="sparse_vd: keep weights with log alpha >= 3 in the training mean",
     )
     t.add_argument("--threshold", type=float, help="keep-prob cut (default: log alpha < 3)")
     t.add_argument("--seed", type=int, default=0)
@@ -109,9 +167,16 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    recipe = RECIPES[args.model]
-    epochs = args.epochs if args.epochs is not None else recipe["epochs"]
-    kl_warmup = tuple(args.kl_warmup) if args.kl_warmup is not None else recipe["kl_warmup"]
+    recipe = RECIPES[args.model, args.method]
+    epochs = args.epochs if args.epochs is not None else recipe.epochs
+    kl_warmup = tuple(args.kl_warmup) if args.kl_warmup is not None else recipe.kl_warmup
+    lr_decay_start = (
+        args.lr_decay_start if args.lr_decay_start is not None else recipe.lr_decay_start
+    )
+    init = args.init or recipe.init
+    layer = dict(recipe.layer)
+    if "train_clip" in layer:
+        layer["train_clip"] = args.train_clip
     out = args.out or Path("runs") / f"{args.model}-{args.method}-s{args.seed}"
     settings = {
         "model": args.model,
@@ -119,14 +184,15 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "kl_warmup": list(kl_warmup),
-        "lr_decay_start": args.lr_decay_start,
-        "init": args.init,
-        "train_clip": args.train_clip,
+        "lr_decay_start": lr_decay_start,
+        "init": init,
+        "layer": layer,
+        "first_layer": recipe.first_layer,
         "seed": args.seed,
     }
     data = preprocess(load_mnist(args.data_dir))
     torch.manual_seed(args.seed)
-    net = build_net(args.model, args.method, args.init, train_clip=args.train_clip)
+    net = build_net(args.model, args.method, init, recipe.first_layer, **layer)
     test = data["test"]
     history = train(
         net,
@@ -135,7 +201,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         epochs=epochs,
         batch_size=args.batch_size,
         lr=args.lr,
-        schedule=Schedule(kl_warmup=kl_warmup, lr_decay_start=args.lr_decay_start),
+        schedule=Schedule(kl_warmup=kl_warmup, lr_decay_start=lr_decay_start),
         seed=args.seed,
         checkpoint=out / "checkpoint.pt",
         resume=args.resume,
@@ -150,6 +216,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {**settings, "epochs": epochs, "threshold": args.threshold},
         **classification_report(logits, test.labels),
         "compression": sparsity["compression"],
+        "architecture": kept_architecture(net, args.threshold),
         "sparsity": sparsity["sparsity"],
         "weights": sparsity["weights"],
         "kept": sparsity["kept"],
@@ -172,6 +239,7 @@ def _print_report(report: dict[str, Any], out: Path) -> None:
         f"  compression  {report['compression']:.1f}x  ({report['kept']} of "
         f"{report['weights']} weights kept)"
     )
+    print(f"  kept units   {report['architecture']}")
     print(f"  test NLL     {report['nll']:.4f}")
     print(f"  ECE          {report['ece']:.4f}")
     layers = "  ".join(

@@ -10,6 +10,7 @@ from pyro.nn.module import to_pyro_module_
 from torch import nn
 
 from bayessparse.nn.base import SparseModule
+from bayessparse.nn.l0 import L0Conv1d, L0Conv2d, L0Conv3d, L0Linear
 from bayessparse.nn.variational import (
     VariationalConv1d,
     VariationalConv2d,
@@ -25,6 +26,7 @@ METHODS: dict[str, dict[type[nn.Module], type[SparseModule]]] = {
         nn.Conv2d: VariationalConv2d,
         nn.Conv3d: VariationalConv3d,
     },
+    "l0": {nn.Linear: L0Linear, nn.Conv1d: L0Conv1d, nn.Conv2d: L0Conv2d, nn.Conv3d: L0Conv3d},
 }
 
 

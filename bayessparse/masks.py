@@ -79,20 +79,26 @@ def sparsity_report(net: nn.Module, threshold: float | None = None) -> dict[str,
     """Per-layer and total weight counts of the masked network.
 
     Compression is ``|W| / |W != 0|`` over the weight tensors of the sparse layers (biases
-    excluded), as in Molchanov et al. (2017).
+    excluded), as in Molchanov et al. (2017). ``inputs_kept`` / ``outputs_kept`` count the
+    input and output units (channels for convolutions) that keep at least one weight; the
+    structured methods' papers report architectures in these terms.
 
     Returns:
-        ``{"layers": {name: {"weights", "kept", "sparsity"}}, "weights", "kept",
-        "sparsity", "compression"}``.
+        ``{"layers": {name: {"weights", "kept", "sparsity", "inputs_kept",
+        "outputs_kept"}}, "weights", "kept", "sparsity", "compression"}``.
     """
     layers = {}
     total = kept = 0
     for key, mask in masks(net, threshold).items():
         n, k = mask.numel(), int(mask.sum())
+        per_output = mask.flatten(1).any(1)
+        per_input = mask.transpose(0, 1).flatten(1).any(1)
         layers[key.removesuffix(".weight")] = {
             "weights": n,
             "kept": k,
             "sparsity": 1.0 - k / n,
+            "inputs_kept": int(per_input.sum()),
+            "outputs_kept": int(per_output.sum()),
         }
         total += n
         kept += k

@@ -48,6 +48,19 @@ def test_converts_every_layer_type_and_keeps_the_weights():
         assert torch.equal(module.weight, weight)
 
 
+def test_l0_method_uses_the_papers_gate_granularity():
+    net = bs.to_sparse_(LeNet5Caffe(), method="l0", l0_lambda=0.1)
+    assert [type(m).__name__ for _, m in bs.sparse_modules(net)] == [
+        "L0Conv2d",
+        "L0Conv2d",
+        "L0Linear",
+        "L0Linear",
+    ]
+    gates = [m.gate_log_alpha.shape for _, m in bs.sparse_modules(net)]
+    assert gates == [(20, 1, 1, 1), (50, 1, 1, 1), (1, 800), (1, 500)]
+    assert all(m.l0_lambda == 0.1 for _, m in bs.sparse_modules(net))
+
+
 def test_root_and_containers_become_pyro_modules_and_norms_stay_deterministic():
     net = bs.to_sparse_(Custom())
     assert isinstance(net, PyroModule) and isinstance(net, Custom)

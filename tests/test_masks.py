@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 import bayessparse as bs
+from bayessparse.cli import kept_architecture
 from bayessparse.models import LeNet5Caffe, LeNet300100
 from bayessparse.nn.variational import SPARSE_VD_THRESHOLD
 
@@ -77,6 +78,19 @@ def test_sparsity_report_counts_weights_only():
     assert everything["compression"] == 1.0 and everything["sparsity"] == 0.0
     nothing = bs.sparsity_report(net, threshold=1.0)
     assert nothing["compression"] == float("inf")
+
+
+def test_sparsity_report_counts_kept_units():
+    net = bs.to_sparse_(LeNet300100(), method="l0")  # gates on each layer's input units
+    with torch.no_grad():
+        net[1].gate_log_alpha[0, 10:] = -10.0  # close all but 10 of the 784 input gates
+        net[3].gate_log_alpha.fill_(10.0)
+        net[5].gate_log_alpha[0, :60] = -10.0
+        net[5].gate_log_alpha[0, 60:] = 10.0
+    layers = bs.sparsity_report(net)["layers"]
+    assert layers["1"]["inputs_kept"] == 10 and layers["1"]["outputs_kept"] == 300
+    assert layers["5"]["inputs_kept"] == 40 and layers["5"]["outputs_kept"] == 10
+    assert kept_architecture(net) == "10-300-40"
 
 
 def test_reports_on_a_net_without_sparse_layers_fail_clearly():

@@ -251,3 +251,19 @@ def test_paper_init_is_what_the_official_code_runs():
     assert all(float(m.bias.abs().max()) == 0 for _, m in bs.sparse_modules(net))
     with pytest.raises(ValueError, match="Unknown init"):
         build_net("lenet5", "sparse_vd", "he")
+
+
+def test_l0_training_keeps_exactly_the_informative_inputs():
+    x, y = toy_problem()
+    torch.manual_seed(0)
+    net = bs.to_sparse_(
+        nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3)), "l0", l0_lambda=0.5
+    )
+    before = float(bs.kl(net).detach())
+    # 20 epochs x 6 batches at lr 0.05: log alpha can move by about 6, enough to close gates.
+    history = run(net, x, y, epochs=20, lr=0.05, eval_data=(x, y))
+    assert float(bs.kl(net).detach()) < 0.5 * before
+    # Only the first 3 inputs carry the label: exactly their gates stay open.
+    kept_inputs = bs.masks(net)["0.weight"].any(0)
+    assert torch.equal(kept_inputs.nonzero().flatten(), torch.tensor([0, 1, 2]))
+    assert history.epochs[-1]["test_error"] < 0.1
