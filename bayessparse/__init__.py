@@ -2,10 +2,12 @@
 
 Swap a network's layers for Bayesian sparse ones (:func:`to_sparse_`), train them by SVI
 with the KL of :func:`kl` and an :class:`EmptyGuide`, then threshold the posterior into a
-deterministic pruned network (:func:`masks`, :func:`to_dense`, :func:`sparsity_report`).
+deterministic pruned network (:func:`masks`, :func:`to_dense`, :func:`sparsity_report`)
+or a physically smaller one (:func:`compact`).
 """
 
 from bayessparse import distributions, nn
+from bayessparse.compaction import compact
 from bayessparse.convert import sparse_modules, to_sparse_
 from bayessparse.infer import EmptyGuide, JointOptim, kl
 from bayessparse.masks import masks, sparsity_report, to_dense
@@ -18,6 +20,7 @@ __all__ = [
     "JointOptim",
     "SparseModule",
     "__version__",
+    "compact",
     "distributions",
     "kl",
     "masks",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bayessparse.nn.base import SparseModule
 
 
 @torch.no_grad()
@@ -57,3 +61,37 @@ def classification_report(logits: Tensor, labels: Tensor) -> dict[str, float]:
         "nll": nll(logits, labels),
         "ece": ece(logits, labels),
     }
+
+
+@torch.no_grad()
+def flops(net: nn.Module, example: Tensor) -> dict[str, int]:
+    """Multiply-accumulates per example of the Linear/ConvNd layers of ``net`` on ``example``.
+
+    ``dense`` counts every weight; ``nonzero`` counts only weights that are non-zero in the
+    deterministic (eval-mode) network: masked weights of sparse layers and zeros of pruned
+    or baked layers cost nothing on sparse hardware. Biases and activations are not counted.
+
+    Args:
+        net: any network; it is run once in eval mode on ``example``.
+        example: an input batch (counts are divided by its batch size).
+    """
+    counts = {"dense": 0, "nonzero": 0}
+    batch = example.shape[0]
+
+    def hook(module: nn.Module, _: Any, output: Tensor) -> None:
+        weight: Tensor = module.weight  # type: ignore[assignment]
+        if isinstance(module, SparseModule):
+            weight = module.dense_weight() * module.mask()
+        # Each weight is used once per output position (and per example).
+        positions = output.numel() // (batch * weight.shape[0])
+        counts["dense"] += weight.numel() * positions
+        counts["nonzero"] += int(weight.count_nonzero()) * positions
+
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, layers)]
+    try:
+        predict_logits(net, example, batch_size=batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts

@@ -1,0 +1,141 @@
+"""Structured compaction: physically remove pruned neurons and channels."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bayessparse.masks import to_dense
+from bayessparse.nn.base import SparseModule, torch_layer_kwargs
+
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Modules that act on each channel separately and map an all-zero channel to zeros.
+_CHANNELWISE = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+)
+
+
+def _unsupported(module: nn.Module) -> TypeError:
+    return TypeError(
+        f"compact() handles nn.Sequential networks of Linear/ConvNd layers, Flatten, and "
+        f"channel-wise activations, pooling and dropout; got {type(module).__name__}. "
+        "Use to_dense(net, bake=True) for a same-shape pruned network instead."
+    )
+
+
+def compact(net: nn.Module, threshold: float | None = None) -> nn.Sequential:
+    """A physically smaller plain torch network computing the same function as the masked one.
+
+    The network is first made deterministic (:func:`~bayessparse.to_dense` with the masks
+    baked in). An output unit (neuron or channel) of a layer is removed when nothing
+    downstream reads it (the next layer's weights on it are all zero) or when it is always
+    zero (its weights and bias are zero, and the following activation maps 0 to 0); the
+    next layer loses the matching inputs. Across ``nn.Flatten`` a channel is the block of
+    features it flattens to. The last layer keeps all its outputs.
+
+    Args:
+        net: an ``nn.Sequential`` (possibly converted by :func:`~bayessparse.to_sparse_`) of
+            ``nn.Linear``/``nn.ConvNd`` (sparse or plain), ``nn.Flatten``, and channel-wise
+            activations, pooling and dropout.
+        threshold: keep-probability cut for the sparse layers (``None``: their default).
+
+    Returns:
+        A plain ``nn.Sequential`` with smaller layers; ``compact(net)(x)`` equals
+        ``net.eval()(x)`` up to floating-point summation order.
+
+    Raises:
+        TypeError: for a network or module it cannot compact.
+    """
+    if not isinstance(net, nn.Sequential):
+        raise _unsupported(net)
+    dense = to_dense(net, threshold, bake=True) if _has_sparse(net) else copy.deepcopy(net)
+    modules: list[Any] = list(dense.children())  # Any: torch types layer attributes loosely
+    for module in modules:
+        if not isinstance(module, (*_WEIGHTED, nn.Flatten, *_CHANNELWISE)):
+            raise _unsupported(module)
+    weighted = [i for i, m in enumerate(modules) if isinstance(m, _WEIGHTED)]
+    if not weighted:
+        raise ValueError("compact() found no Linear or ConvNd layer to compact.")
+
+    keep: dict[int, Tensor] = {}  # layer index -> bool mask of its kept output units
+    for pos, i in enumerate(weighted):
+        layer = modules[i]
+        if pos == len(weighted) - 1:
+            keep[i] = torch.ones(layer.weight.shape[0], dtype=torch.bool)
+            continue
+        j = weighted[pos + 1]
+        used = _read_by_next(modules[j], modules[i + 1 : j], layer.weight.shape[0])
+        alive = layer.weight.detach().flatten(1).ne(0).any(1)
+        if layer.bias is not None:
+            alive |= layer.bias.detach().ne(0)
+        keep[i] = used & alive
+
+    out: list[nn.Module] = []
+    kept_in: Tensor | None = None  # kept input features of the next weighted layer
+    for i, module in enumerate(modules):
+        if isinstance(module, _WEIGHTED):
+            out.append(_slice_layer(module, kept_in, keep[i]))
+            kept_in = keep[i]
+        elif isinstance(module, nn.Flatten):
+            out.append(copy.deepcopy(module))
+            if kept_in is not None:
+                nxt = next(modules[k] for k in weighted if k > i)
+                block = nxt.weight.shape[1] // kept_in.numel()
+                kept_in = kept_in.repeat_interleave(block)
+        else:
+            out.append(copy.deepcopy(module))
+    return nn.Sequential(*out).train(net.training)
+
+
+def _has_sparse(net: nn.Module) -> bool:
+    return any(isinstance(m, SparseModule) for m in net.modules())
+
+
+def _read_by_next(nxt: Any, between: list[nn.Module], channels: int) -> Tensor:
+    """Which of ``channels`` output units the next weighted layer reads at all."""
+    columns = nxt.weight.detach().transpose(0, 1).flatten(1).ne(0).any(1)  # per input feature
+    if any(isinstance(m, nn.Flatten) for m in between):
+        return columns.view(channels, -1).any(1)  # a channel is a block of features
+    return columns
+
+
+def _slice_layer(layer: Any, kept_in: Tensor | None, kept_out: Tensor) -> nn.Module:
+    weight = layer.weight.detach()[kept_out]
+    if kept_in is not None:
+        if getattr(layer, "groups", 1) != 1:
+            raise TypeError(
+                f"compact() cannot remove input channels of a grouped convolution "
+                f"(groups={layer.groups})."
+            )
+        weight = weight[:, kept_in]
+    kwargs: dict[str, Any] = torch_layer_kwargs(layer)
+    if isinstance(layer, nn.Linear):
+        kwargs.update(in_features=weight.shape[1], out_features=weight.shape[0])
+    else:
+        kwargs.update(in_channels=weight.shape[1] * layer.groups, out_channels=weight.shape[0])
+    small: Any = type(layer)(**kwargs, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        small.weight.copy_(weight)
+        if layer.bias is not None:
+            small.bias.copy_(layer.bias.detach()[kept_out])
+    return small

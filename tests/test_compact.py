@@ -1,0 +1,91 @@
+"""compact(): physically smaller networks that compute the same function; FLOPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bayessparse as bs
+from bayessparse import compact
+from bayessparse.cli import kept_architecture
+from bayessparse.metrics import flops
+from bayessparse.models import LeNet5Caffe, LeNet300100
+
+
+def closed_l0_lenet5() -> nn.Module:
+    """LeNet-5-Caffe with L0 gates: 5 of 20 and 10 of 50 channels, 76 of 800 and 16 of 500
+    inputs open (the BC-GHS architecture 5-10-76-16)."""
+    torch.manual_seed(0)
+    net = bs.to_sparse_(LeNet5Caffe().double(), "l0")
+    opened = {"0": range(3, 8), "3": range(10, 20), "7": range(0, 800, 10)[:76], "9": range(16)}
+    with torch.no_grad():
+        for name, layer in bs.sparse_modules(net):
+            layer.gate_log_alpha.fill_(-10.0)
+            layer.gate_log_alpha.view(-1)[list(opened[name])] = 10.0
+    return net.eval()
+
+
+def test_compacted_lenet5_has_the_kept_architecture_and_the_same_outputs():
+    net = closed_l0_lenet5()
+    small = compact(net)
+    x = torch.randn(7, 1, 28, 28, dtype=torch.float64)
+    assert torch.allclose(small(x), net(x), rtol=1e-12, atol=1e-12)
+    convs = [m for m in small if isinstance(m, nn.Conv2d)]
+    linears = [m for m in small if isinstance(m, nn.Linear)]
+    # fc1 reads 76 features, which live in (a subset of) conv2's 10 open channels.
+    assert [c.out_channels for c in convs] == [5, 10]
+    assert linears[0].in_features <= 10 * 16 and linears[1].in_features == 16
+    assert linears[-1].out_features == 10
+    assert kept_architecture(net) == "5-10-76-16"
+    assert not any(
+        isinstance(m, (bs.SparseModule, torch.nn.utils.prune.BasePruningMethod))
+        for m in small.modules()
+    )
+
+
+def test_flops_fall_with_compaction():
+    net = closed_l0_lenet5()
+    x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
+    before = flops(bs.to_dense(net), x)
+    after = flops(compact(net), x)
+    dense = flops(LeNet5Caffe().double(), x)
+    # LeNet-5-Caffe: 20*25*24*24 + 50*20*25*8*8 + 800*500 + 500*10 = 2,293,000 MACs.
+    assert dense == {"dense": 2_293_000, "nonzero": 2_293_000}
+    assert before["dense"] == dense["dense"]
+    # Compaction drops zeros and weights that only ever see zero inputs (conv2's weights on
+    # conv1's closed channels count as non-zero before), none that the output depends on.
+    assert after["nonzero"] <= after["dense"] < before["nonzero"]
+    assert after["dense"] < dense["dense"] / 10
+
+
+def test_weight_level_sparsity_removes_dead_units():
+    torch.manual_seed(0)
+    net = bs.to_sparse_(LeNet300100().double())
+    with torch.no_grad():
+        for _, layer in bs.sparse_modules(net):
+            layer.weight_log_sigma2.fill_(-20.0)
+        net[1].weight_log_sigma2[:250] = 10.0  # 250 of the 300 hidden units get no input
+        net[1].bias[:250] = 0.0
+        net[3].weight_log_sigma2[:, 280:] = 10.0  # ... and 20 are never read
+    small = compact(net.eval())
+    assert [m.out_features for m in small if isinstance(m, nn.Linear)] == [30, 100, 10]
+    x = torch.randn(5, 784, dtype=torch.float64)
+    assert torch.allclose(small(x), net(x), rtol=1e-12, atol=1e-12)
+
+
+def test_units_with_a_bias_but_no_inputs_are_kept():
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        net[0].weight[1] = 0.0  # unit 1 outputs relu(bias), a constant the next layer reads
+    small = compact(net)
+    assert small[0].out_features == 3
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert torch.allclose(small(x), net(x), rtol=1e-12, atol=1e-12)
+
+
+def test_unsupported_networks_are_refused_clearly():
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        compact(nn.Linear(3, 2))
+    with pytest.raises(TypeError, match="BatchNorm1d"):
+        compact(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
