@@ -71,7 +71,9 @@ def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False)
 def _plain_layer(layer: SparseModule, threshold: float | None, bake: bool) -> nn.Module:
     plain = layer.to_dense(threshold)
     if bake:
-        prune.remove(plain, "weight")
+        for name in ("weight", "bias"):
+            if hasattr(plain, f"{name}_mask"):  # the bias is pruned by unit-gating families
+                prune.remove(plain, name)
     return plain
 
 
