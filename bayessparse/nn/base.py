@@ -181,9 +181,13 @@ class SparseModule(PyroModule):
         Raises:
             ValueError: if ``threshold`` is NaN or outside [0, 1].
         """
+        return self._kept(threshold).expand_as(self.weight)
+
+    def _kept(self, threshold: float | None = None) -> Tensor:
+        """``keep_prob() > threshold`` in keep_prob's own (gate) shape, without gradient."""
         cut = self.default_threshold if threshold is None else check_threshold(threshold)
         with torch.no_grad():
-            return (self.keep_prob() > cut).expand_as(self.weight)
+            return self.keep_prob() > cut
 
     def to_dense(self, threshold: float | None = None) -> nn.Module:
         """A plain torch layer with this layer's masked deterministic weight.

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from bayessparse.distributions.hard_concrete import HardConcrete
-from bayessparse.nn.base import SparseModule, check_threshold, torch_layer_type
+from bayessparse.nn.base import SparseModule, torch_layer_type
 
 GATES = ("weight", "input", "output")
 
@@ -135,19 +135,16 @@ class _L0Gated(SparseModule):
     def bias_mask(self, threshold: float | None = None) -> Tensor | None:
         if self.bias is None or self.gate != "output":
             return None
-        cut = self.default_threshold if threshold is None else check_threshold(threshold)
-        with torch.no_grad():
-            return (self.keep_prob() > cut).reshape(-1)
+        return self._kept(threshold).reshape(-1)
 
     def forward(self, input: Tensor) -> Tensor:
         x = input
         self._check_input(x)
         theta, bias = self.weight, self.bias
         gates = self._gates()
-        if self.training:
-            z = gates.rsample()  # one draw per mini-batch, shared by its examples
-        else:
-            z = gates.deterministic_gate() * (gates.prob_nonzero() > self.default_threshold)
+        # Training: one gate draw per mini-batch, shared by its examples. Eval: the masked
+        # deterministic test gate.
+        z = gates.rsample() if self.training else gates.deterministic_gate() * self._kept()
         if bias is not None and self.gate == "output":
             bias = bias * z.reshape(-1)
         return self._op(x, theta * z, bias)
