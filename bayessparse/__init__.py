@@ -9,7 +9,7 @@ or a physically smaller one (:func:`compact`).
 from bayessparse import distributions, nn
 from bayessparse.compaction import compact
 from bayessparse.convert import sparse_modules, to_sparse_
-from bayessparse.infer import EmptyGuide, JointOptim, kl
+from bayessparse.infer import EmptyGuide, JointOptim, SparseGuide, kl, project_
 from bayessparse.masks import masks, sparsity_report, to_dense
 from bayessparse.nn import SparseModule
 
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EmptyGuide",
     "JointOptim",
+    "SparseGuide",
     "SparseModule",
     "__version__",
     "compact",
@@ -25,6 +26,7 @@ __all__ = [
     "kl",
     "masks",
     "nn",
+    "project_",
     "sparse_modules",
     "sparsity_report",
     "to_dense",

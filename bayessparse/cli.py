@@ -7,7 +7,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,7 @@ class Recipe:
 
     Attributes:
         epochs, kl_warmup, lr_decay_start, init: as the flags of the same names.
-        layer: options of every sparse layer.
-        first_layer: options that replace ``layer``'s for the first sparse layer.
+        layer: sparse-layer options; a list holds one value per layer.
     """
 
     epochs: int
@@ -39,7 +38,6 @@ class Recipe:
     lr_decay_start: float | None = None
     init: str = "paper"
     layer: dict[str, Any] = field(default_factory=dict)
-    first_layer: dict[str, Any] = field(default_factory=dict)
 
 
 RECIPES: dict[tuple[str, str], Recipe] = {
@@ -54,8 +52,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
         200,
         lr_decay_start=200.0,
         init="torch",
-        layer={"l0_lambda": 0.1, "droprate_init": 0.5},
-        first_layer={"droprate_init": 0.2},
+        layer={"l0_lambda": 0.1, "droprate_init": [0.2, 0.5, 0.5]},
     ),
     ("lenet5", "l0"): Recipe(
         200, lr_decay_start=200.0, init="torch", layer={"l0_lambda": 1.0, "droprate_init": 0.5}
@@ -63,25 +60,22 @@ RECIPES: dict[tuple[str, str], Recipe] = {
 }
 
 
-INITS = ("paper", "normal", "torch")
+INITS = ("paper", "normal", "he", "torch")
 
 
-def build_net(
-    model: str,
-    method: str,
-    init: str = "paper",
-    first_layer: dict[str, Any] | None = None,
-    **layer_kwargs: Any,
-) -> nn.Module:
-    """A reference network with its layers made sparse (``first_layer``: the first one's
-    options, replacing ``layer_kwargs``).
+def build_net(model: str, method: str, init: str = "paper", **layer_options: Any) -> nn.Module:
+    """A reference network with its layers made sparse.
 
-    ``init`` chooses the starting weights (biases 0 in the first two):
+    A list value in ``layer_options`` gives one value per layer, in order (e.g.
+    ``l0_lambda=[10, 0.5, 0.1, 10]``); any other value applies to every layer.
+
+    ``init`` chooses the starting weights (biases 0 unless ``"torch"``):
 
     - ``"paper"``: what the official sparse-VD code effectively runs: dense weights from
       N(0, 0.01²) and Glorot-uniform convolutions (its ``W=init.Normal()`` never reaches the
       conv layers, whose argument is named ``Wconv``);
     - ``"normal"``: N(0, 0.01²) everywhere;
+    - ``"he"``: He-normal, N(0, 2 / fan_in), what the official L0 code uses;
     - ``"torch"``: torch's default initialisation.
     """
     if init not in INITS:
@@ -90,20 +84,29 @@ def build_net(
     if init != "torch":
         for module in net.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                if isinstance(module, nn.Conv2d) and init == "paper":
+                if init == "he":
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                elif isinstance(module, nn.Conv2d) and init == "paper":
                     nn.init.xavier_uniform_(module.weight)
                 else:
                     nn.init.normal_(module.weight, 0.0, 0.01)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-    if first_layer:
-        first = next(
-            name for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-        )
-        to_sparse_(
-            net, method, include=lambda name, _: name == first, **{**layer_kwargs, **first_layer}
-        )
-    return to_sparse_(net, method, **layer_kwargs)
+    names = [name for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for key, value in layer_options.items():
+        if isinstance(value, list) and len(value) != len(names):
+            raise ValueError(
+                f"{key} has {len(value)} values for the {len(names)} layers of {model}; give "
+                "one value per layer or a single value for all."
+            )
+    for i, layer_name in enumerate(names):
+        options = {k: v[i] if isinstance(v, list) else v for k, v in layer_options.items()}
+        to_sparse_(net, method, include=_named(layer_name), **options)
+    return net
+
+
+def _named(wanted: str) -> Callable[[str, nn.Module], bool]:
+    return lambda name, _: name == wanted
 
 
 def kept_architecture(net: nn.Module, threshold: float | None = None) -> str:
@@ -115,6 +118,17 @@ def kept_architecture(net: nn.Module, threshold: float | None = None) -> str:
         for name, module in sparse_modules(net)
     ]
     return "-".join(str(u) for u in units)
+
+
+def _layer_option(text: str) -> tuple[str, Any]:
+    """``"key=value"`` → ``(key, value)``, the value read as JSON (numbers, true, "text")."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. l0_lambda=0.5, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -140,6 +154,15 @@ def _parser() -> argparse.ArgumentParser:
         dest="train_clip",
         action="store_false",
         help="sparse_vd: keep weights with log alpha >= 3 in the training mean",
+    )
+    t.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        type=_layer_option,
+        metavar="KEY=VALUE",
+        help="sparse-layer option overriding the recipe's, e.g. l0_lambda=0.5, or one value "
+        "per layer: l0_lambda=[10,0.5,0.1,10] (repeatable)",
     )
     t.add_argument("--threshold", type=float, help="keep-prob cut (default: log alpha < 3)")
     t.add_argument("--seed", type=int, default=0)
@@ -177,6 +200,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     layer = dict(recipe.layer)
     if "train_clip" in layer:
         layer["train_clip"] = args.train_clip
+    layer.update(args.layer)
     out = args.out or Path("runs") / f"{args.model}-{args.method}-s{args.seed}"
     settings = {
         "model": args.model,
@@ -187,12 +211,11 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         "lr_decay_start": lr_decay_start,
         "init": init,
         "layer": layer,
-        "first_layer": recipe.first_layer,
         "seed": args.seed,
     }
     data = preprocess(load_mnist(args.data_dir))
     torch.manual_seed(args.seed)
-    net = build_net(args.model, args.method, init, recipe.first_layer, **layer)
+    net = build_net(args.model, args.method, init, **layer)
     test = data["test"]
     history = train(
         net,

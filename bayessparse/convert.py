@@ -10,6 +10,16 @@ from pyro.nn.module import to_pyro_module_
 from torch import nn
 
 from bayessparse.nn.base import SparseModule
+from bayessparse.nn.group import (
+    GroupNJConv1d,
+    GroupNJConv2d,
+    GroupNJConv3d,
+    GroupNJLinear,
+    HorseshoeConv1d,
+    HorseshoeConv2d,
+    HorseshoeConv3d,
+    HorseshoeLinear,
+)
 from bayessparse.nn.l0 import L0Conv1d, L0Conv2d, L0Conv3d, L0Linear
 from bayessparse.nn.variational import (
     VariationalConv1d,
@@ -18,7 +28,7 @@ from bayessparse.nn.variational import (
     VariationalLinear,
 )
 
-# method -> {exact torch type -> sparse class}. Later families (L0, horseshoe, ...) add rows.
+# method -> {exact torch type -> sparse class}. A new family adds a row.
 METHODS: dict[str, dict[type[nn.Module], type[SparseModule]]] = {
     "sparse_vd": {
         nn.Linear: VariationalLinear,
@@ -27,6 +37,18 @@ METHODS: dict[str, dict[type[nn.Module], type[SparseModule]]] = {
         nn.Conv3d: VariationalConv3d,
     },
     "l0": {nn.Linear: L0Linear, nn.Conv1d: L0Conv1d, nn.Conv2d: L0Conv2d, nn.Conv3d: L0Conv3d},
+    "group_nj": {
+        nn.Linear: GroupNJLinear,
+        nn.Conv1d: GroupNJConv1d,
+        nn.Conv2d: GroupNJConv2d,
+        nn.Conv3d: GroupNJConv3d,
+    },
+    "horseshoe": {
+        nn.Linear: HorseshoeLinear,
+        nn.Conv1d: HorseshoeConv1d,
+        nn.Conv2d: HorseshoeConv2d,
+        nn.Conv3d: HorseshoeConv3d,
+    },
 }
 
 

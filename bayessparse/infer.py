@@ -31,6 +31,40 @@ def kl(net: nn.Module) -> Tensor:
     return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
 
 
+def project_(net: nn.Module) -> nn.Module:
+    """Call :meth:`~bayessparse.nn.SparseModule.project_` on every sparse layer of ``net``.
+
+    Run it after each optimiser step (:func:`~bayessparse.training.train` does), e.g.
+    ``svi.step(x, y); bs.project_(net)``. Returns ``net``.
+    """
+    for _, module in sparse_modules(net):
+        module.project_()
+    return net
+
+
+class SparseGuide:
+    """The guide of a network's sparse layers: runs every layer's
+    :meth:`~bayessparse.nn.SparseModule.guide`.
+
+    Layers that hold their whole posterior in their parameters (sparse VD, L0, BC-GNJ) add
+    nothing, so for a network of those it is an :class:`EmptyGuide`; horseshoe layers sample
+    their global and local scales here, from log-normal posteriors they own. Pass it as the
+    ``guide`` of :class:`pyro.infer.SVI`; wrap the call in ``poutine.scale`` together with
+    the model's scale sites for a KL warm-up (as :class:`~bayessparse.training.
+    SparseClassifier` does).
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        for _, module in sparse_modules(self.net):
+            module.guide()
+
+    def __repr__(self) -> str:
+        return f"SparseGuide({type(self.net).__name__})"
+
+
 class EmptyGuide:
     """A guide with no latent sites, for models whose posterior lives in the layers.
 

@@ -14,13 +14,21 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bayessparse.convert import sparse_modules
-from bayessparse.infer import EmptyGuide, JointOptim, kl, linear_decay, linear_warmup
+from bayessparse.infer import (
+    JointOptim,
+    SparseGuide,
+    kl,
+    linear_decay,
+    linear_warmup,
+    project_,
+)
 from bayessparse.masks import sparsity_report
 from bayessparse.metrics import error_rate, predict_logits
 
@@ -30,11 +38,12 @@ CHECKPOINT_VERSION = 1
 class SparseClassifier:
     """The Pyro model of a sparse classifier: ``y ~ Categorical(logits=net(x))`` plus KL.
 
-    The KL enters once per step, outside the data plate, through
-    ``pyro.factor("kl", -kl(net))`` scaled by :attr:`kl_weight` (KL warm-up); the data plate
-    has ``size=num_data`` so that the mini-batch log-likelihood is scaled up to the full
-    data set. With :class:`~bayessparse.EmptyGuide` and ``Trace_ELBO`` the loss is the
-    un-normalised negative ELBO ``N * mean CE + kl_weight * KL``.
+    The layers' analytic KL enters once per step, outside the data plate, through
+    ``pyro.factor("kl", -kl(net))``; latent sites of the layers (horseshoe scales) are
+    sampled inside ``net`` and matched by :meth:`guide`. Both are scaled by
+    :attr:`kl_weight` (KL warm-up). The data plate has ``size=num_data`` so that the
+    mini-batch log-likelihood is scaled up to the full data set. With ``Trace_ELBO`` the
+    loss is the un-normalised negative ELBO ``N * mean CE + kl_weight * KL``.
 
     Args:
         net: a network with sparse layers (see :func:`~bayessparse.to_sparse_`).
@@ -48,22 +57,32 @@ class SparseClassifier:
         self.net = net
         self.num_data = num_data
         self.kl_weight = kl_weight
-        self.last_kl = math.nan
+        self.sparse_guide = SparseGuide(net)
+        self.last_kl = self.last_data = math.nan
+
+    def _complexity_scale(self) -> Any:
+        # poutine.scale rejects a zero scale; a zero weight masks the terms out instead.
+        if self.kl_weight > 0:
+            return poutine.scale(scale=self.kl_weight)
+        return poutine.mask(mask=False)
 
     def __call__(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        logits = self.net(x)
-        if self.kl_weight > 0:
+        with self._complexity_scale():
+            logits = self.net(x)
             complexity = kl(self.net)
-            # poutine.scale rejects a zero scale, so a zero weight skips the factor instead.
-            with poutine.scale(scale=self.kl_weight):
-                pyro.factor("kl", -complexity)
-        else:
-            with torch.no_grad():
-                complexity = kl(self.net)
+            pyro.factor("kl", -complexity)
         self.last_kl = float(complexity.detach())
+        if y is not None:
+            ce = F.cross_entropy(logits.detach(), y, reduction="sum")
+            self.last_data = float(ce) * self.num_data / x.shape[0]
         with pyro.plate("data", size=self.num_data, subsample=torch.arange(x.shape[0])):
             pyro.sample("y", dist.Categorical(logits=logits), obs=y)
         return logits
+
+    def guide(self, x: Tensor, y: Tensor | None = None) -> None:
+        """The posterior of the layers' latent sites, scaled like them (see the class)."""
+        with self._complexity_scale():
+            self.sparse_guide()
 
 
 @dataclass
@@ -234,7 +253,7 @@ def train(
     if history.completed == 0:
         torch.manual_seed(seed)
     _release_stale_params(net)
-    svi = SVI(model, EmptyGuide(), optim, Trace_ELBO())
+    svi = SVI(model, model.guide, optim, Trace_ELBO())
 
     epoch_bar = _bar(
         range(history.completed, epochs),
@@ -260,12 +279,13 @@ def train(
             # Pyro's checks run on the first step; after that the data and model are known.
             with pyro.validation_enabled(epoch == 0 and i == 0):
                 loss = svi.step(images[idx], labels[idx])
+            project_(net)
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"The loss became {loss} at epoch {epoch + 1}, batch {i + 1}. Lower the "
                     "learning rate or check the inputs for NaN/inf."
                 )
-            data_term = loss - model.kl_weight * model.last_kl
+            data_term = model.last_data
             data_sum += data_term
             kl_sum += model.last_kl
             if isinstance(batches, tqdm) and i % 50 == 0:

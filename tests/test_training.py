@@ -250,7 +250,7 @@ def test_paper_init_is_what_the_official_code_runs():
     assert abs(float(dense.weight.std()) - 0.01) < 1e-4
     assert all(float(m.bias.abs().max()) == 0 for _, m in bs.sparse_modules(net))
     with pytest.raises(ValueError, match="Unknown init"):
-        build_net("lenet5", "sparse_vd", "he")
+        build_net("lenet5", "sparse_vd", "bogus")
 
 
 def test_l0_training_keeps_exactly_the_informative_inputs():

@@ -1,6 +1,16 @@
 """Bayesian sparse layers: drop-in replacements for ``nn.Linear`` and ``nn.ConvNd``."""
 
 from bayessparse.nn.base import SparseModule
+from bayessparse.nn.group import (
+    GroupNJConv1d,
+    GroupNJConv2d,
+    GroupNJConv3d,
+    GroupNJLinear,
+    HorseshoeConv1d,
+    HorseshoeConv2d,
+    HorseshoeConv3d,
+    HorseshoeLinear,
+)
 from bayessparse.nn.l0 import L0Conv1d, L0Conv2d, L0Conv3d, L0Linear
 from bayessparse.nn.variational import (
     VariationalConv1d,
@@ -10,6 +20,14 @@ from bayessparse.nn.variational import (
 )
 
 __all__ = [
+    "GroupNJConv1d",
+    "GroupNJConv2d",
+    "GroupNJConv3d",
+    "GroupNJLinear",
+    "HorseshoeConv1d",
+    "HorseshoeConv2d",
+    "HorseshoeConv3d",
+    "HorseshoeLinear",
     "L0Conv1d",
     "L0Conv2d",
     "L0Conv3d",

@@ -113,6 +113,21 @@ class SparseModule(PyroModule):
         """The deterministic bias before masking (``bias`` unless the family gates it)."""
         return self.bias
 
+    def guide(self) -> None:
+        """Sample this layer's latent sites from its posterior; a no-op for families whose
+        whole posterior lives in the layer's parameters (sparse VD, L0, BC-GNJ).
+
+        Families with Pyro latent sites (the horseshoe scales) override it; run it through
+        :class:`~bayessparse.SparseGuide`.
+        """
+
+    def project_(self) -> None:
+        """Project parameters back onto their allowed range after an optimiser step.
+
+        A no-op unless the family's recipe constrains a parameter (L0 clamps its gate
+        locations); :func:`bayessparse.infer.project_` calls it on every layer of a network.
+        """
+
     def bias_mask(self, threshold: float | None = None) -> Tensor | None:
         """Boolean bias mask for families that prune whole output units, else ``None``."""
         return None

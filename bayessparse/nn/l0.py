@@ -12,6 +12,9 @@ from bayessparse.distributions.hard_concrete import HardConcrete
 from bayessparse.nn.base import SparseModule, torch_layer_type
 
 GATES = ("weight", "input", "output")
+# The official code clamps log alpha to [log 1e-2, log 1e2] after every step: a gate can
+# neither close nor open beyond the reach of the gradient, so it can always come back.
+GATE_LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
 
 
 def l0_threshold(temperature: float, low: float, high: float) -> float:
@@ -100,6 +103,11 @@ class _L0Gated(SparseModule):
         torch_layer_type(self).reset_parameters(self)  # type: ignore[attr-defined]
         if "gate_log_alpha" in self._parameters:
             self._reset_gates()
+
+    def project_(self) -> None:
+        """Clamp the gate locations to ``GATE_LOG_ALPHA_RANGE``, as the official code does."""
+        with torch.no_grad():
+            self.gate_log_alpha.clamp_(*GATE_LOG_ALPHA_RANGE)
 
     def _gates(self) -> HardConcrete:
         return HardConcrete(self.gate_log_alpha, self.temperature, self.low, self.high)
