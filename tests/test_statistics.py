@@ -127,6 +127,7 @@ def least_squares_z(x, y, noise):
 
 
 def fit_sparse_vd_regression(x, y, noise, steps=4000):
+    pyro.clear_param_store()  # PyroModule parameters are looked up there by name
     net = bs.to_sparse_(nn.Sequential(nn.Linear(x.shape[1], 1, bias=False)).double())
     with torch.no_grad():
         net[0].weight.normal_(0, 0.01)
