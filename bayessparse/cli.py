@@ -45,9 +45,11 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # 1e-3, batch 100, KL warm-up, lr constant then linear to 0 over the second half.
     ("lenet300", "sparse_vd"): Recipe(40, (2.0, 10.0), layer={"train_clip": True}),
     ("lenet5", "sparse_vd"): Recipe(15, (0.5, 5.0), layer={"train_clip": True}),
-    # The official L0 recipes (papers.md section 2c): Adam 1e-3 without a schedule, torch's
-    # init, droprate_init 0.2 on the input layer and 0.5 elsewhere; lambda = 0.1/N for the
-    # MLP and 1/N for LeNet-5 (the code's `lamba` defaults).
+    # The official L0 recipes (papers.md section 2c): Adam 1e-3, droprate_init 0.2 on the
+    # input layer and 0.5 elsewhere, lambda = 0.1/N for the MLP (torch's init, no schedule).
+    # LeNet-5 uses the paper's per-layer "L0-sep" lambdas [10, 0.5, 0.1]/N and He init as the
+    # official code; with the shared 1/N our runs end near 1.9 % error (see the README), and
+    # the schedule is cut to 150 epochs with a linear lr decay over the last 50.
     ("lenet300", "l0"): Recipe(
         200,
         lr_decay_start=200.0,
@@ -55,8 +57,17 @@ RECIPES: dict[tuple[str, str], Recipe] = {
         layer={"l0_lambda": 0.1, "droprate_init": [0.2, 0.5, 0.5]},
     ),
     ("lenet5", "l0"): Recipe(
-        200, lr_decay_start=200.0, init="torch", layer={"l0_lambda": 1.0, "droprate_init": 0.5}
+        150,
+        lr_decay_start=100.0,
+        init="he",
+        layer={"l0_lambda": [10.0, 0.5, 0.1, 10.0], "droprate_init": 0.5},
     ),
+    # Bayesian Compression (papers.md section 3c): Adam 1e-3, torch's init, no warm-up; the
+    # official example's 5 epochs stretched, lr decaying linearly over the second half.
+    ("lenet300", "group_nj"): Recipe(40, lr_decay_start=20.0, init="torch"),
+    ("lenet5", "group_nj"): Recipe(20, lr_decay_start=10.0, init="torch"),
+    ("lenet300", "horseshoe"): Recipe(40, lr_decay_start=20.0, init="torch"),
+    ("lenet5", "horseshoe"): Recipe(20, lr_decay_start=10.0, init="torch"),
 }
 
 
@@ -164,7 +175,9 @@ def _parser() -> argparse.ArgumentParser:
         help="sparse-layer option overriding the recipe's, e.g. l0_lambda=0.5, or one value "
         "per layer: l0_lambda=[10,0.5,0.1,10] (repeatable)",
     )
-    t.add_argument("--threshold", type=float, help="keep-prob cut (default: log alpha < 3)")
+    t.add_argument(
+        "--threshold", type=float, help="keep-prob cut (default: each layer's own rule)"
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--data-dir", type=Path, help="MNIST idx .gz directory (default: bundled)")
     t.add_argument("--out", type=Path, help="run directory (default: runs/MODEL-METHOD-sSEED)")

@@ -267,3 +267,17 @@ def test_l0_training_keeps_exactly_the_informative_inputs():
     kept_inputs = bs.masks(net)["0.weight"].any(0)
     assert torch.equal(kept_inputs.nonzero().flatten(), torch.tensor([0, 1, 2]))
     assert history.epochs[-1]["test_error"] < 0.1
+
+
+@pytest.mark.parametrize("method", ["group_nj", "horseshoe"])
+def test_group_training_keeps_exactly_the_informative_inputs(method):
+    # Through train(): SparseClassifier's guide draws the horseshoe scales, and the KL
+    # warm-up (weight 0 at the start) masks them out of the ELBO without breaking SVI.
+    x, y = toy_problem()
+    torch.manual_seed(0)
+    net = bs.to_sparse_(nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3)), method)
+    history = run(net, x, y, epochs=60, lr=0.03, eval_data=(x, y))
+    kept_inputs = bs.masks(net)["0.weight"].any(0)
+    assert torch.equal(kept_inputs.nonzero().flatten(), torch.tensor([0, 1, 2]))
+    assert history.epochs[-1]["test_error"] < 0.1
+    assert all(math.isfinite(r["data_term"]) for r in history.epochs)
