@@ -13,21 +13,32 @@ from bayessparse.metrics import flops
 from bayessparse.models import LeNet5Caffe, LeNet300100
 
 
-def closed_l0_lenet5() -> nn.Module:
-    """LeNet-5-Caffe with L0 gates: 5 of 20 and 10 of 50 channels, 76 of 800 and 16 of 500
-    inputs open (the BC-GHS architecture 5-10-76-16)."""
+# The parameter that opens (value 0) or closes (value 1) a group, per family.
+GROUP_SWITCHES = {
+    "l0": ("gate_log_alpha", (10.0, -10.0)),
+    "group_nj": ("scale_log_sigma2", (-8.0, 8.0)),  # log alpha of z = 1: -8 or 8
+    "horseshoe": ("local_log_sigma", (-5.0, 2.0)),  # scale noise e^-10 or e^4 (x mean²)
+}
+
+
+def closed_lenet5(method: str = "l0") -> nn.Module:
+    """LeNet-5-Caffe with structured sparse layers: 5 of 20 and 10 of 50 channels, 76 of 800
+    and 16 of 500 inputs open (the BC-GHS architecture 5-10-76-16)."""
     torch.manual_seed(0)
-    net = bs.to_sparse_(LeNet5Caffe().double(), "l0")
+    net = bs.to_sparse_(LeNet5Caffe().double(), method)
     opened = {"0": range(3, 8), "3": range(10, 20), "7": range(0, 800, 10)[:76], "9": range(16)}
+    name_of_switch, (open_value, closed_value) = GROUP_SWITCHES[method]
     with torch.no_grad():
         for name, layer in bs.sparse_modules(net):
-            layer.gate_log_alpha.fill_(-10.0)
-            layer.gate_log_alpha.view(-1)[list(opened[name])] = 10.0
+            switch = getattr(layer, name_of_switch)
+            switch.fill_(closed_value)
+            switch.view(-1)[list(opened[name])] = open_value
     return net.eval()
 
 
-def test_compacted_lenet5_has_the_kept_architecture_and_the_same_outputs():
-    net = closed_l0_lenet5()
+@pytest.mark.parametrize("method", sorted(GROUP_SWITCHES))
+def test_compacted_lenet5_has_the_kept_architecture_and_the_same_outputs(method):
+    net = closed_lenet5(method)
     small = compact(net)
     x = torch.randn(7, 1, 28, 28, dtype=torch.float64)
     assert torch.allclose(small(x), net(x), rtol=1e-12, atol=1e-12)
@@ -45,7 +56,7 @@ def test_compacted_lenet5_has_the_kept_architecture_and_the_same_outputs():
 
 
 def test_flops_fall_with_compaction():
-    net = closed_l0_lenet5()
+    net = closed_lenet5()
     x = torch.randn(2, 1, 28, 28, dtype=torch.float64)
     before = flops(bs.to_dense(net), x)
     after = flops(compact(net), x)

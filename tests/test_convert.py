@@ -61,6 +61,13 @@ def test_l0_method_uses_the_papers_gate_granularity():
     assert all(m.l0_lambda == 0.1 for _, m in bs.sparse_modules(net))
 
 
+@pytest.mark.parametrize("method", ["group_nj", "horseshoe"])
+def test_group_methods_scale_conv_channels_and_linear_inputs(method):
+    net = bs.to_sparse_(LeNet5Caffe(), method=method)
+    groups = [(m.group, m.num_groups) for _, m in bs.sparse_modules(net)]
+    assert groups == [("output", 20), ("output", 50), ("input", 800), ("input", 500)]
+
+
 def test_root_and_containers_become_pyro_modules_and_norms_stay_deterministic():
     net = bs.to_sparse_(Custom())
     assert isinstance(net, PyroModule) and isinstance(net, Custom)
