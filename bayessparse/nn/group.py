@@ -25,7 +25,7 @@ import torch
 from pyro.nn import pyro_method
 from torch import Tensor, nn
 
-from bayessparse.distributions.kl import _clamped_log_alpha, sparse_vd_kl_sum
+from bayessparse.distributions.kl import sparse_vd_kl
 from bayessparse.nn.base import SparseModule, torch_layer_type
 
 GROUPS = ("input", "output")
@@ -169,8 +169,12 @@ class _GroupScaled(SparseModule):
 
 class _GroupNJ(_GroupScaled):
     r"""BC-GNJ: log-uniform prior on the group scale, :math:`q(z_g) = \mathcal N(\mu_g,
-    \sigma_g^2)`, group :math:`\log\alpha_g = \log\sigma_g^2 - \log\mu_g^2` (clamped to
-    [−8, 8]), Molchanov KL; one draw of :math:`z` per example, as the official code."""
+    \sigma_g^2)`, group :math:`\log\alpha_g = \log\sigma_g^2 - \log\mu_g^2`, Molchanov KL;
+    one draw of :math:`z` per example, as the official code.
+
+    Unlike sparse VD's, this log α is not clamped to [−8, 8] (nor is it in the official
+    code): the scales start at log α = −9, where a clamp would cut the KL's gradient and no
+    group would ever be pruned."""
 
     scale_loc: nn.Parameter
     scale_log_sigma2: nn.Parameter
@@ -193,7 +197,7 @@ class _GroupNJ(_GroupScaled):
             self.scale_log_sigma2.fill_(self.scale_log_sigma2_init)
 
     def _group_log_alpha(self) -> Tensor:
-        return _clamped_log_alpha(self.scale_loc, self.scale_log_sigma2)
+        return self.scale_log_sigma2 - torch.log(self.scale_loc.square() + 1e-8)
 
     def _scale_estimate(self) -> Tensor:
         return self.scale_loc
@@ -204,7 +208,7 @@ class _GroupNJ(_GroupScaled):
         return loc + (0.5 * self.scale_log_sigma2).exp() * noise
 
     def _scale_kl(self) -> Tensor:
-        return sparse_vd_kl_sum(self.scale_loc, self.scale_log_sigma2)
+        return sparse_vd_kl(self._group_log_alpha()).sum()
 
 
 class _GroupHorseshoe(_GroupScaled):
@@ -279,14 +283,14 @@ class _GroupHorseshoe(_GroupScaled):
         self._reset_scales()
 
     def _reset_scales(self) -> None:
-        # Scales start at median 1, so a converted layer computes its dense original.
+        # Scales start at median 1 (the slab at its scale), so that a converted layer
+        # computes its dense original.
+        start = {"global": 0.0, "local": 0.0, "slab": math.log(self.slab_scale or 1.0)}
         with torch.no_grad():
-            for name in ("global", "local", "slab"):
+            for name, loc in start.items():
                 if f"{name}_loc" in self._parameters:
-                    getattr(self, f"{name}_loc").fill_(0.0)
+                    getattr(self, f"{name}_loc").fill_(loc)
                     getattr(self, f"{name}_log_sigma").fill_(self.log_sigma_init)
-            if self.slab_df is not None:
-                self.slab_loc.fill_(math.log(self.slab_scale or 1.0))
 
     def global_prior(self) -> dist.TorchDistribution:
         """τ ~ HalfCauchy(global_scale_prior)."""
