@@ -21,6 +21,12 @@ from bayessparse.nn.group import (
     HorseshoeLinear,
 )
 from bayessparse.nn.l0 import L0Conv1d, L0Conv2d, L0Conv3d, L0Linear
+from bayessparse.nn.spike_slab import (
+    SpikeSlabConv1d,
+    SpikeSlabConv2d,
+    SpikeSlabConv3d,
+    SpikeSlabLinear,
+)
 from bayessparse.nn.variational import (
     VariationalConv1d,
     VariationalConv2d,
@@ -48,6 +54,12 @@ METHODS: dict[str, dict[type[nn.Module], type[SparseModule]]] = {
         nn.Conv1d: HorseshoeConv1d,
         nn.Conv2d: HorseshoeConv2d,
         nn.Conv3d: HorseshoeConv3d,
+    },
+    "spike_slab": {
+        nn.Linear: SpikeSlabLinear,
+        nn.Conv1d: SpikeSlabConv1d,
+        nn.Conv2d: SpikeSlabConv2d,
+        nn.Conv3d: SpikeSlabConv3d,
     },
 }
 

@@ -12,12 +12,12 @@ from bayessparse.cli import kept_architecture
 from bayessparse.metrics import flops
 from bayessparse.models import LeNet5Caffe, LeNet300100
 
-
 # The parameter that opens (value 0) or closes (value 1) a group, per family.
 GROUP_SWITCHES = {
     "l0": ("gate_log_alpha", (10.0, -10.0)),
     "group_nj": ("scale_log_sigma2", (-8.0, 8.0)),  # log alpha of z = 1: -8 or 8
     "horseshoe": ("local_log_sigma", (-5.0, 2.0)),  # scale noise e^-10 or e^4 (x mean²)
+    "spike_slab": ("inclusion_logit", (10.0, -10.0)),
 }
 
 

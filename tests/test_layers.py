@@ -32,6 +32,10 @@ from bayessparse.nn import (
     L0Conv3d,
     L0Linear,
     SparseModule,
+    SpikeSlabConv1d,
+    SpikeSlabConv2d,
+    SpikeSlabConv3d,
+    SpikeSlabLinear,
     VariationalConv1d,
     VariationalConv2d,
     VariationalConv3d,
@@ -39,6 +43,7 @@ from bayessparse.nn import (
 )
 from bayessparse.nn.group import _GroupHorseshoe, _GroupNJ
 from bayessparse.nn.l0 import _L0Gated
+from bayessparse.nn.spike_slab import _SpikeSlab
 from bayessparse.nn.variational import _SparseVD
 
 
@@ -58,6 +63,8 @@ class LayerCase:
             return ("gate_log_alpha",) + (("weight",) if self.options.get("weight_decay") else ())
         if issubclass(self.cls, _GroupNJ):
             return ("weight", "weight_log_sigma2", "scale_loc", "scale_log_sigma2")
+        if issubclass(self.cls, _SpikeSlab):
+            return ("weight", "weight_log_sigma2", "inclusion_logit")
         # Sparse VD; the horseshoe's scale KL lives in its Pyro sample sites.
         return ("weight", "weight_log_sigma2")
 
@@ -130,6 +137,17 @@ CASES = [
     LayerCase(HorseshoeConv2d, (3, 4, 3), (2, 3, 8, 8), (2, 8, 8), {"padding": 1}),
     LayerCase(HorseshoeConv2d, (3, 4, 3), (3, 8, 8), (2, 8, 8), options={"group": "input"}),
     LayerCase(HorseshoeConv3d, (2, 3, 2), (2, 2, 4, 5, 4), (2, 3, 4, 5, 4), {"bias": False}),
+    LayerCase(SpikeSlabLinear, (7, 5), (4, 7), (4, 6)),
+    LayerCase(
+        SpikeSlabLinear,
+        (7, 5),
+        (3, 2, 7),
+        (3, 7, 2),
+        options={"group": "output", "prior_inclusion": 0.1, "slab_scale": 0.5},
+    ),
+    LayerCase(SpikeSlabConv1d, (4, 6, 3), (2, 4, 9), (2, 5, 9), {"groups": 2}),
+    LayerCase(SpikeSlabConv2d, (3, 4, 3), (3, 8, 8), (2, 8, 8), options={"group": "input"}),
+    LayerCase(SpikeSlabConv3d, (2, 3, 2), (2, 2, 4, 5, 4), (2, 3, 4, 5, 4), {"bias": False}),
 ]
 DTYPES = [torch.float32, torch.float64]
 
@@ -147,6 +165,8 @@ def spread_(layer: SparseModule) -> None:
             steps = torch.linspace(-6, 6, layer.num_groups)
             layer.scale_loc.copy_(torch.linspace(0.5, 1.5, layer.num_groups))
             layer.scale_log_sigma2.copy_(torch.log(layer.scale_loc**2) + steps)
+        elif isinstance(layer, _SpikeSlab):
+            layer.inclusion_logit.copy_(torch.linspace(-4, 4, layer.num_groups))
         else:
             assert isinstance(layer, _GroupHorseshoe)
             # Log-normal s² from e^-8 to e^2: log alpha from about -8 to 2.

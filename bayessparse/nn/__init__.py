@@ -12,6 +12,12 @@ from bayessparse.nn.group import (
     HorseshoeLinear,
 )
 from bayessparse.nn.l0 import L0Conv1d, L0Conv2d, L0Conv3d, L0Linear
+from bayessparse.nn.spike_slab import (
+    SpikeSlabConv1d,
+    SpikeSlabConv2d,
+    SpikeSlabConv3d,
+    SpikeSlabLinear,
+)
 from bayessparse.nn.variational import (
     VariationalConv1d,
     VariationalConv2d,
@@ -33,6 +39,10 @@ __all__ = [
     "L0Conv3d",
     "L0Linear",
     "SparseModule",
+    "SpikeSlabConv1d",
+    "SpikeSlabConv2d",
+    "SpikeSlabConv3d",
+    "SpikeSlabLinear",
     "VariationalConv1d",
     "VariationalConv2d",
     "VariationalConv3d",

@@ -230,16 +230,11 @@ class _GroupHorseshoe(_GroupScaled):
     \mathrm{Inv\text{-}Gamma}(\nu/2, \nu s^2/2)` is a third latent site (``slab``).
 
     Deterministic scale: the posterior median :math:`\hat z_g = e^{m_\tau + m_{\lambda_g}}`
-    (regularized when a slab is set, with :math:`c` at its median). Group α is the
-    noise-to-signal ratio of the group's weights :math:`w = z\tilde w` (its summed variance
-    over its summed squared mean), :math:`e^{s_\tau^2 + s_{\lambda_g}^2}(1 + \sum\sigma^2 /
-    \sum\theta^2) - 1`; a group is kept when its signal exceeds its noise, α < 1
-    (``default_threshold`` 0.5, the rule of structured Bayesian pruning). The scale's own
-    noise-to-signal ratio alone is no guide here: the data pin τλ and θ down only jointly,
-    so a useful unit's λ can keep a wide posterior.
+    (regularized when a slab is set, with :math:`c` at its median). Group log α is the
+    log-normal noise-to-signal ratio of the scale, :math:`\log(e^{s_\tau^2 +
+    s_{\lambda_g}^2} - 1)`, thresholded like BC-GNJ's (log α < −3): a group is kept when the
+    data pin its scale down; the scale of an unneeded group keeps a wide posterior.
     """
-
-    default_threshold: float = 0.5
 
     global_loc: nn.Parameter
     global_log_sigma: nn.Parameter
@@ -356,13 +351,9 @@ class _GroupHorseshoe(_GroupScaled):
         return self._combine(draws["global_scale"], draws["local_scale"], slab)
 
     def _group_log_alpha(self) -> Tensor:
-        # alpha_g = Var / E² of the group's weights w = z w~ (summed over the group):
-        # E[z²] / E[z]² (1 + sum sigma² / sum theta²) - 1, with E[z²] / E[z]² = exp(s²).
+        # Var(z) / E[z]² of the log-normal z = tau * lambda: exp(s_tau² + s_lambda²) - 1.
         s2 = (2 * self.global_log_sigma).exp() + (2 * self.local_log_sigma).exp()
-        other = [d for d in range(self.weight.dim()) if d != self._group_dim()]
-        theta2 = self.weight.square().sum(other)
-        sigma2 = self.weight_log_sigma2.exp().sum(other)
-        return torch.log(torch.expm1(s2 + torch.log1p(sigma2 / theta2)))
+        return torch.log(torch.expm1(s2))
 
 
 def _groupnj_init(self: Any, *args: Any, group: str = "output", **kwargs: Any) -> None:
