@@ -113,6 +113,26 @@ class SparseModule(PyroModule):
         """The deterministic bias before masking (``bias`` unless the family gates it)."""
         return self.bias
 
+    def reset_parameters(self) -> None:
+        """Redraw every parameter as at construction: the torch layer's, then the posterior's.
+
+        Concrete classes bind it explicitly (``reset_parameters =
+        SparseModule.reset_parameters``): their torch base class comes first in the MRO.
+        """
+        torch_layer_type(self).reset_parameters(self)  # type: ignore[attr-defined]
+        # torch's __init__ calls this before the family has built its posterior parameters.
+        if self.__dict__.get("_posterior_built"):
+            self._reset_posterior()
+
+    def _finish_construction(self) -> None:
+        """Mark the posterior parameters as built and initialise them."""
+        self._posterior_built = True
+        self._reset_posterior()
+
+    def _reset_posterior(self) -> None:
+        """Initialise the family's posterior parameters (called by reset_parameters)."""
+        raise NotImplementedError
+
     def guide(self) -> None:
         """Sample this layer's latent sites from its posterior; a no-op for families whose
         whole posterior lives in the layer's parameters (sparse VD, L0, BC-GNJ).

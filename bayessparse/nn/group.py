@@ -66,14 +66,12 @@ class _GroupScaled(SparseModule):
             )
         self.group = group
         self.log_sigma2_init = float(log_sigma2_init)
-        self.weight_log_sigma2 = nn.Parameter(torch.full_like(self.weight, self.log_sigma2_init))
+        self.weight_log_sigma2 = nn.Parameter(torch.empty_like(self.weight))
 
-    def reset_parameters(self) -> None:
-        torch_layer_type(self).reset_parameters(self)  # type: ignore[attr-defined]
-        if "weight_log_sigma2" in self._parameters:
-            with torch.no_grad():
-                self.weight_log_sigma2.fill_(self.log_sigma2_init)
-            self._reset_scales()
+    def _reset_posterior(self) -> None:
+        with torch.no_grad():
+            self.weight_log_sigma2.fill_(self.log_sigma2_init)
+        self._reset_scales()
 
     @property
     def num_groups(self) -> int:
@@ -187,7 +185,7 @@ class _GroupNJ(_GroupScaled):
         g = self.weight.new_empty(self.num_groups)
         self.scale_loc = nn.Parameter(g.clone())
         self.scale_log_sigma2 = nn.Parameter(g.clone())
-        self._reset_scales()
+        self._finish_construction()
 
     def _reset_scales(self) -> None:
         # The official code draws mu ~ N(1, 0.01); starting at exactly 1 keeps a converted
@@ -275,7 +273,7 @@ class _GroupHorseshoe(_GroupScaled):
         if self.slab_df is not None:
             self.slab_loc = nn.Parameter(w.new_empty(()))
             self.slab_log_sigma = nn.Parameter(w.new_empty(()))
-        self._reset_scales()
+        self._finish_construction()
 
     def _reset_scales(self) -> None:
         # Scales start at median 1 (the slab at its scale), so that a converted layer
@@ -390,7 +388,7 @@ class GroupNJLinear(nn.Linear, _GroupNJ):
     ) -> None:
         self._construct(in_features, out_features, bias, device, dtype, group=group, **options)
 
-    reset_parameters = _GroupNJ.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _GroupNJ.forward
 
 
@@ -399,7 +397,7 @@ class GroupNJConv1d(nn.Conv1d, _GroupNJ):
     options as :class:`GroupNJLinear`, with ``group="output"`` by default."""
 
     __init__ = _groupnj_init
-    reset_parameters = _GroupNJ.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _GroupNJ.forward
 
 
@@ -408,7 +406,7 @@ class GroupNJConv2d(nn.Conv2d, _GroupNJ):
     :class:`GroupNJConv1d`."""
 
     __init__ = _groupnj_init
-    reset_parameters = _GroupNJ.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _GroupNJ.forward
 
 
@@ -417,7 +415,7 @@ class GroupNJConv3d(nn.Conv3d, _GroupNJ):
     :class:`GroupNJConv1d`."""
 
     __init__ = _groupnj_init
-    reset_parameters = _GroupNJ.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _GroupNJ.forward
 
 
@@ -450,7 +448,7 @@ class HorseshoeLinear(nn.Linear, _GroupHorseshoe):
     ) -> None:
         self._construct(in_features, out_features, bias, device, dtype, group=group, **options)
 
-    reset_parameters = _GroupHorseshoe.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _GroupHorseshoe.forward
 
 
@@ -459,7 +457,7 @@ class HorseshoeConv1d(nn.Conv1d, _GroupHorseshoe):
     :class:`HorseshoeLinear`, with ``group="output"`` by default."""
 
     __init__ = _horseshoe_init
-    reset_parameters = _GroupHorseshoe.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _GroupHorseshoe.forward
 
 
@@ -468,7 +466,7 @@ class HorseshoeConv2d(nn.Conv2d, _GroupHorseshoe):
     :class:`HorseshoeConv1d`."""
 
     __init__ = _horseshoe_init
-    reset_parameters = _GroupHorseshoe.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _GroupHorseshoe.forward
 
 
@@ -477,5 +475,5 @@ class HorseshoeConv3d(nn.Conv3d, _GroupHorseshoe):
     :class:`HorseshoeConv1d`."""
 
     __init__ = _horseshoe_init
-    reset_parameters = _GroupHorseshoe.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _GroupHorseshoe.forward

@@ -91,18 +91,13 @@ class _L0Gated(SparseModule):
             "output": (w.shape[0],) + (1,) * (w.dim() - 1),
         }[gate]
         self.gate_log_alpha = nn.Parameter(torch.empty(shape, device=w.device, dtype=w.dtype))
-        self._reset_gates()
+        self._finish_construction()
 
-    def _reset_gates(self) -> None:
+    def _reset_posterior(self) -> None:
         # log alpha ~ N(log(1 - p) - log p, 0.01^2): gates start open with probability 1 - p.
         mean = math.log(1.0 - self.droprate_init) - math.log(self.droprate_init)
         with torch.no_grad():
             self.gate_log_alpha.normal_(mean, 1e-2)
-
-    def reset_parameters(self) -> None:
-        torch_layer_type(self).reset_parameters(self)  # type: ignore[attr-defined]
-        if "gate_log_alpha" in self._parameters:
-            self._reset_gates()
 
     def project_(self) -> None:
         """Clamp the gate locations to ``GATE_LOG_ALPHA_RANGE``, as the official code does."""
@@ -190,7 +185,7 @@ class L0Linear(nn.Linear, _L0Gated):
     ) -> None:
         self._construct(in_features, out_features, bias, device, dtype, gate=gate, **options)
 
-    reset_parameters = _L0Gated.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _L0Gated.forward
 
 
@@ -203,7 +198,7 @@ class L0Conv1d(nn.Conv1d, _L0Gated):
     ``gate="output"`` (one gate per output channel, the paper's ``L0Conv2d``) by default."""
 
     __init__ = _conv_init
-    reset_parameters = _L0Gated.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _L0Gated.forward
 
 
@@ -211,7 +206,7 @@ class L0Conv2d(nn.Conv2d, _L0Gated):
     """``nn.Conv2d`` with hard-concrete L0 gates; see :class:`L0Conv1d`."""
 
     __init__ = _conv_init
-    reset_parameters = _L0Gated.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _L0Gated.forward
 
 
@@ -219,5 +214,5 @@ class L0Conv3d(nn.Conv3d, _L0Gated):
     """``nn.Conv3d`` with hard-concrete L0 gates; see :class:`L0Conv1d`."""
 
     __init__ = _conv_init
-    reset_parameters = _L0Gated.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _L0Gated.forward

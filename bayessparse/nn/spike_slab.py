@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bayessparse.nn.base import SparseModule
 from bayessparse.nn.group import _GroupScaled
 
 
@@ -67,7 +68,7 @@ class _SpikeSlab(_GroupScaled):
         self.prior_inclusion, self.slab_scale = float(prior_inclusion), float(slab_scale)
         self.inclusion_init, self.temperature = float(inclusion_init), float(temperature)
         self.inclusion_logit = nn.Parameter(self.weight.new_empty(self.num_groups))
-        self._reset_scales()
+        self._finish_construction()
 
     def _reset_scales(self) -> None:
         with torch.no_grad():
@@ -130,7 +131,7 @@ class SpikeSlabLinear(nn.Linear, _SpikeSlab):
     ) -> None:
         self._construct(in_features, out_features, bias, device, dtype, group=group, **options)
 
-    reset_parameters = _SpikeSlab.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _SpikeSlab.forward
 
 
@@ -139,7 +140,7 @@ class SpikeSlabConv1d(nn.Conv1d, _SpikeSlab):
     :class:`SpikeSlabLinear`, with ``group="output"`` by default."""
 
     __init__ = _init
-    reset_parameters = _SpikeSlab.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _SpikeSlab.forward
 
 
@@ -148,7 +149,7 @@ class SpikeSlabConv2d(nn.Conv2d, _SpikeSlab):
     :class:`SpikeSlabConv1d`."""
 
     __init__ = _init
-    reset_parameters = _SpikeSlab.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _SpikeSlab.forward
 
 
@@ -157,5 +158,5 @@ class SpikeSlabConv3d(nn.Conv3d, _SpikeSlab):
     :class:`SpikeSlabConv1d`."""
 
     __init__ = _init
-    reset_parameters = _SpikeSlab.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _SpikeSlab.forward

@@ -39,13 +39,12 @@ class _SparseVD(SparseModule):
         torch_layer_type(self).__init__(self, *args, **kwargs)
         self.log_sigma2_init = float(log_sigma2_init)
         self.train_clip = bool(train_clip)
-        self.weight_log_sigma2 = nn.Parameter(torch.full_like(self.weight, self.log_sigma2_init))
+        self.weight_log_sigma2 = nn.Parameter(torch.empty_like(self.weight))
+        self._finish_construction()
 
-    def reset_parameters(self) -> None:
-        torch_layer_type(self).reset_parameters(self)  # type: ignore[attr-defined]
-        if "weight_log_sigma2" in self._parameters:
-            with torch.no_grad():
-                self.weight_log_sigma2.fill_(self.log_sigma2_init)
+    def _reset_posterior(self) -> None:
+        with torch.no_grad():
+            self.weight_log_sigma2.fill_(self.log_sigma2_init)
 
     @property
     def log_alpha(self) -> Tensor:
@@ -127,7 +126,7 @@ class VariationalLinear(nn.Linear, _SparseVD):
             train_clip=train_clip,
         )
 
-    reset_parameters = _SparseVD.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _SparseVD.forward
 
 
@@ -139,7 +138,7 @@ class VariationalConv1d(nn.Conv1d, _SparseVD):
     """
 
     __init__ = _SparseVD._construct
-    reset_parameters = _SparseVD.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _SparseVD.forward
 
 
@@ -151,7 +150,7 @@ class VariationalConv2d(nn.Conv2d, _SparseVD):
     """
 
     __init__ = _SparseVD._construct
-    reset_parameters = _SparseVD.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _SparseVD.forward
 
 
@@ -163,5 +162,5 @@ class VariationalConv3d(nn.Conv3d, _SparseVD):
     """
 
     __init__ = _SparseVD._construct
-    reset_parameters = _SparseVD.reset_parameters
+    reset_parameters = SparseModule.reset_parameters
     forward = _SparseVD.forward
