@@ -32,14 +32,16 @@ NUM_DATA, BATCH = 60000, 100
 
 
 def bayessparse_step(x: torch.Tensor, y: torch.Tensor):
-    """The library's step: to_sparse_ + SparseClassifier + SVI(Trace_ELBO) + JointOptim."""
+    """The library's step as ``bayessparse.training.train`` takes it: to_sparse_ +
+    SparseClassifier (model and guide) + SVI(Trace_ELBO) + JointOptim + project_."""
     net = bs.to_sparse_(LeNet300100(), train_clip=True)
     model = SparseClassifier(net, NUM_DATA)
-    svi = SVI(model, bs.EmptyGuide(), bs.JointOptim(torch.optim.Adam, {"lr": 1e-3}), Trace_ELBO())
+    svi = SVI(model, model.guide, bs.JointOptim(torch.optim.Adam, {"lr": 1e-3}), Trace_ELBO())
 
     def step() -> None:
         with pyro.validation_enabled(False):  # as bayessparse.training.train does after step 1
             svi.step(x, y)
+        bs.project_(net)
 
     return step
 
