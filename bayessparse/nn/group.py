@@ -76,7 +76,7 @@ class _GroupScaled(SparseModule):
     @property
     def num_groups(self) -> int:
         """Input units (input channels) or output units (output channels)."""
-        return self.weight.shape[1 if self.group == "input" else 0]
+        return self.weight.shape[self._group_dim()]
 
     def _group_dim(self) -> int:
         return 1 if self.group == "input" else 0
