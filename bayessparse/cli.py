@@ -68,7 +68,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("lenet300", "group_nj"): Recipe(40, lr_decay_start=20.0, init="torch"),
     ("lenet5", "group_nj"): Recipe(60, lr_decay_start=40.0, init="torch"),
     ("lenet300", "horseshoe"): Recipe(40, lr_decay_start=20.0, init="torch"),
-    ("lenet5", "horseshoe"): Recipe(20, lr_decay_start=10.0, init="torch"),
+    ("lenet5", "horseshoe"): Recipe(40, lr_decay_start=25.0, init="torch"),
 }
 
 
