@@ -47,8 +47,8 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("lenet5", "sparse_vd"): Recipe(15, (0.5, 5.0), layer={"train_clip": True}),
     # The official L0 recipes (papers.md section 2c): Adam 1e-3, droprate_init 0.2 on the
     # input layer and 0.5 elsewhere, lambda = 0.1/N for the MLP (torch's init, no schedule).
-    # LeNet-5 uses the paper's per-layer "L0-sep" lambdas [10, 0.5, 0.1]/N and He init as the
-    # official code; with the shared 1/N our runs end near 1.9 % error (see the README), and
+    # LeNet-5 uses the paper's per-layer "L0-sep" lambdas [10, 0.5, 0.1, 10]/N and He init as
+    # the official code; with the shared 1/N our runs end near 1.9 % error (README), and
     # the schedule is cut to 150 epochs with a linear lr decay over the last 50.
     ("lenet300", "l0"): Recipe(
         200,

@@ -282,3 +282,24 @@ def test_group_training_keeps_exactly_the_informative_inputs(method):
     assert torch.equal(kept_inputs.nonzero().flatten(), torch.tensor([0, 1, 2]))
     assert history.epochs[-1]["test_error"] < 0.1
     assert all(math.isfinite(r["data_term"]) for r in history.epochs)
+
+
+def test_build_net_takes_one_value_per_layer_from_a_list():
+    net = build_net("lenet5", "l0", "he", l0_lambda=[10.0, 0.5, 0.1, 10.0], droprate_init=0.3)
+    layers = [m for _, m in bs.sparse_modules(net)]
+    assert [m.l0_lambda for m in layers] == [10.0, 0.5, 0.1, 10.0]
+    assert all(m.droprate_init == 0.3 for m in layers)
+    with pytest.raises(ValueError, match="l0_lambda has 3 values for the 4 layers"):
+        build_net("lenet5", "l0", l0_lambda=[1.0, 1.0, 1.0])
+
+
+def test_cli_layer_options_are_read_as_json_and_bad_ones_refused(capsys):
+    from bayessparse.cli import _parser
+
+    args = _parser().parse_args(
+        ["train", "--layer", "l0_lambda=[10,0.5,0.1,10]", "--layer", "gate=output"]
+    )
+    assert args.layer == [("l0_lambda", [10, 0.5, 0.1, 10]), ("gate", "output")]
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "--layer", "no-equals-sign"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
