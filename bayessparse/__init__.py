@@ -1,7 +1,8 @@
 """bayessparse: Bayesian sparsification of neural networks with PyTorch and Pyro.
 
 Swap a network's layers for Bayesian sparse ones (:func:`to_sparse_`), train them by SVI
-with the KL of :func:`kl` and an :class:`EmptyGuide`, then threshold the posterior into a
+with the KL of :func:`kl` and a :class:`SparseGuide` (empty unless a layer has latent
+sites, like the horseshoe scales), then threshold the posterior into a
 deterministic pruned network (:func:`masks`, :func:`to_dense`, :func:`sparsity_report`)
 or a physically smaller one (:func:`compact`).
 """
