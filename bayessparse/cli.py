@@ -1,4 +1,10 @@
-"""``python -m bayessparse``: train a sparse network on MNIST and report on it."""
+"""python -m bayessparse: train a sparse network on MNIST and report on it.
+
+The only module that prints. A user's mistake (a bad option, bad data, a run folder in
+use or holding another run) ends in one line on stderr naming the value and the fix, and
+exit code 2; a run that fails while training (divergence, a full disk) ends in one line
+and exit code 1, with the last checkpoint intact.
+"""
 
 from __future__ import annotations
 
@@ -8,132 +14,78 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bayessparse.convert import METHODS, sparse_modules, to_sparse_
-from bayessparse.data import DataError, load_mnist, preprocess
+from bayessparse.convert import METHODS, sparse_modules
+from bayessparse.data import DataError, Split, load_mnist, preprocess
 from bayessparse.masks import sparsity_report
 from bayessparse.metrics import classification_report, predict_logits
 from bayessparse.models import MODELS
-from bayessparse.training import Schedule, train
+from bayessparse.recipes import INITS, RECIPES, build_net, kept_architecture, recipe
+from bayessparse.training import (
+    CheckpointError,
+    RunFolder,
+    RunFolderBusy,
+    Schedule,
+    StorageError,
+    TrainingDiverged,
+    atomic_write,
+    check_data,
+    to_strict_json,
+    train,
+)
+from bayessparse.training.storage import torch_bytes
+
+CHECKPOINT, REPORT, MODEL = "checkpoint.pt", "report.json", "model.pt"
+MAX_SEED = 2**32 - 1
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """Default training settings of one (model, method); command-line flags override them.
-
-    Attributes:
-        epochs, kl_warmup, lr_decay_start, init: as the flags of the same names.
-        layer: sparse-layer options; a list holds one value per layer.
-    """
-
-    epochs: int
-    kl_warmup: tuple[float, float] = (0.0, 0.0)
-    lr_decay_start: float | None = None
-    init: str = "paper"
-    layer: dict[str, Any] = field(default_factory=dict)
+class UsageError(ValueError):
+    """A user's mistake on the command line; the message says how to fix it."""
 
 
-RECIPES: dict[tuple[str, str], Recipe] = {
-    # The official sparse-VD recipes compressed in time (papers.md sections 1e and 7): Adam
-    # 1e-3, batch 100, KL warm-up, lr constant then linear to 0 over the second half.
-    ("lenet300", "sparse_vd"): Recipe(40, (2.0, 10.0), layer={"train_clip": True}),
-    ("lenet5", "sparse_vd"): Recipe(15, (0.5, 5.0), layer={"train_clip": True}),
-    # The official L0 recipes (papers.md section 2c): Adam 1e-3, droprate_init 0.2 on the
-    # input layer and 0.5 elsewhere, lambda = 0.1/N for the MLP (torch's init, no schedule).
-    # LeNet-5 uses the paper's per-layer "L0-sep" lambdas [10, 0.5, 0.1, 10]/N and He init as
-    # the official code; with the shared 1/N our runs end near 1.9 % error (README), and
-    # the schedule is cut to 150 epochs with a linear lr decay over the last 50.
-    ("lenet300", "l0"): Recipe(
-        200,
-        lr_decay_start=200.0,
-        init="torch",
-        layer={"l0_lambda": 0.1, "droprate_init": [0.2, 0.5, 0.5]},
-    ),
-    ("lenet5", "l0"): Recipe(
-        150,
-        lr_decay_start=100.0,
-        init="he",
-        layer={"l0_lambda": [10.0, 0.5, 0.1, 10.0], "droprate_init": 0.5},
-    ),
-    # Bayesian Compression (papers.md section 3c): Adam 1e-3, torch's init, no warm-up; the
-    # paper's epoch count is unknown. The group scales drift slowly (20 epochs of LeNet-5
-    # prune little: 19-49-558-334), so LeNet-5 gets 60, the lr decaying over the last 20.
-    ("lenet300", "group_nj"): Recipe(40, lr_decay_start=20.0, init="torch"),
-    ("lenet5", "group_nj"): Recipe(60, lr_decay_start=40.0, init="torch"),
-    ("lenet300", "horseshoe"): Recipe(40, lr_decay_start=20.0, init="torch"),
-    ("lenet5", "horseshoe"): Recipe(40, lr_decay_start=25.0, init="torch"),
-}
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-INITS = ("paper", "normal", "he", "torch")
+def _number(kind: type, low: float, high: float = math.inf) -> Callable[[str], Any]:
+    """An argparse type: an int or finite float in [low, high]."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            bounds = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"expected a finite number {bounds}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
-def build_net(model: str, method: str, init: str = "paper", **layer_options: Any) -> nn.Module:
-    """A reference network with its layers made sparse.
-
-    A list value in ``layer_options`` gives one value per layer, in order (e.g.
-    ``l0_lambda=[10, 0.5, 0.1, 10]``); any other value applies to every layer.
-
-    ``init`` chooses the starting weights (biases 0 unless ``"torch"``):
-
-    - ``"paper"``: what the official sparse-VD code effectively runs: dense weights from
-      N(0, 0.01²) and Glorot-uniform convolutions (its ``W=init.Normal()`` never reaches the
-      conv layers, whose argument is named ``Wconv``);
-    - ``"normal"``: N(0, 0.01²) everywhere;
-    - ``"he"``: He-normal, N(0, 2 / fan_in), what the official L0 code uses;
-    - ``"torch"``: torch's default initialisation.
-    """
-    if init not in INITS:
-        raise ValueError(f"Unknown init {init!r}. Choose one of {INITS}.")
-    net = MODELS[model]()
-    if init != "torch":
-        for module in net.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                if init == "he":
-                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                elif isinstance(module, nn.Conv2d) and init == "paper":
-                    nn.init.xavier_uniform_(module.weight)
-                else:
-                    nn.init.normal_(module.weight, 0.0, 0.01)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-    names = [name for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    for key, value in layer_options.items():
-        if isinstance(value, list) and len(value) != len(names):
-            raise ValueError(
-                f"{key} has {len(value)} values for the {len(names)} layers of {model}; give "
-                "one value per layer or a single value for all."
-            )
-    for i, layer_name in enumerate(names):
-        options = {k: v[i] if isinstance(v, list) else v for k, v in layer_options.items()}
-        to_sparse_(net, method, include=_named(layer_name), **options)
-    return net
-
-
-def _named(wanted: str) -> Callable[[str, nn.Module], bool]:
-    return lambda name, _: name == wanted
-
-
-def kept_architecture(net: nn.Module, threshold: float | None = None) -> str:
-    """Kept units in the papers' notation: output channels of each convolution, then input
-    units of each linear layer (e.g. 20-25-45-462 for LeNet-5-Caffe)."""
-    layers = sparsity_report(net, threshold)["layers"]
-    units = [
-        layers[name]["inputs_kept" if isinstance(module, nn.Linear) else "outputs_kept"]
-        for name, module in sparse_modules(net)
-    ]
-    return "-".join(str(u) for u in units)
+def _positive_float(text: str) -> float:
+    value = _number(float, 0.0)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return float(value)
 
 
 def _layer_option(text: str) -> tuple[str, Any]:
-    """``"key=value"`` → ``(key, value)``, the value read as JSON (numbers, true, "text")."""
+    """``"key=value"`` → ``(key, value)``, the value read as JSON (numbers, true, "text").
+
+    Text that is not JSON stays text (``gate=output``); the layer's option types are
+    checked later, so ``train_clip=False`` is refused rather than read as a true string.
+    """
     key, sep, value = text.partition("=")
     if not sep or not key.isidentifier():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, e.g. l0_lambda=0.5, got {text!r}")
@@ -143,24 +95,37 @@ def _layer_option(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _epochs_help() -> str:
+    defaults = ", ".join(f"{m}/{meth} {r.epochs}" for (m, meth), r in sorted(RECIPES.items()))
+    return f"training epochs (default: the recipe's: {defaults})"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bayessparse", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="python -m bayessparse",
+        description="Train a Bayesian sparse network on MNIST and report on it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a sparse network on MNIST, threshold, report")
     t.add_argument("--model", choices=sorted(MODELS), default="lenet300")
     t.add_argument("--method", choices=sorted(METHODS), default="sparse_vd")
-    t.add_argument("--epochs", type=int, help="default: 40 for lenet300, 15 for lenet5")
-    t.add_argument("--batch-size", type=int, default=100)
-    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--epochs", type=_number(int, 1), help=_epochs_help())
+    t.add_argument("--batch-size", type=_number(int, 1), default=100)
+    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
     t.add_argument(
         "--kl-warmup",
-        type=float,
+        type=_number(float, 0.0),
         nargs=2,
         metavar=("START", "END"),
-        help="KL weight 0 before epoch START, 1 from END (default: per model)",
+        help="KL weight 0 before epoch START, 1 from END (default: the recipe's, scaled "
+        "to --epochs)",
     )
-    t.add_argument("--lr-decay-start", type=float, help="default: per recipe")
-    t.add_argument("--init", choices=INITS, help="initial weights (default: per recipe)")
+    t.add_argument(
+        "--lr-decay-start",
+        type=_number(float, 0.0),
+        help="epoch from which the lr falls linearly to 0 (default: the recipe's, scaled)",
+    )
+    t.add_argument("--init", choices=INITS, help="initial weights (default: the recipe's)")
     t.add_argument(
         "--no-train-clip",
         dest="train_clip",
@@ -174,18 +139,121 @@ def _parser() -> argparse.ArgumentParser:
         type=_layer_option,
         metavar="KEY=VALUE",
         help="sparse-layer option overriding the recipe's, e.g. l0_lambda=0.5, or one value "
-        "per layer: l0_lambda=[10,0.5,0.1,10] (repeatable)",
+        "per layer: l0_lambda=[10,0.5,0.1,10] (JSON values; repeatable)",
     )
     t.add_argument(
-        "--threshold", type=float, help="keep-prob cut (default: each layer's own rule)"
+        "--threshold",
+        type=_number(float, 0.0, 1.0),
+        help="keep-probability cut in [0, 1] (default: each layer's own rule)",
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0)
     t.add_argument("--data-dir", type=Path, help="MNIST idx .gz directory (default: bundled)")
-    t.add_argument("--out", type=Path, help="run directory (default: runs/MODEL-METHOD-sSEED)")
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    t.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    t.add_argument(
+        "--out", type=Path, help="run folder (default: a new runs/MODEL-METHOD-sSEED[-N])"
+    )
+    resume = t.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its checkpoint"
+    )
+    resume.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --out"
+    )
+    t.add_argument("--threads", type=_number(int, 1), help="torch threads (default: torch's)")
     t.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
+
+
+def _note(text: str) -> None:
+    tqdm.write(f"note: {text}", file=sys.stderr)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings: the recipe, overridden by the flags, checked as a whole."""
+    rec = recipe(args.model, args.method)
+    epochs = args.epochs if args.epochs is not None else rec.epochs
+    kl_warmup, lr_decay_start = rec.scaled(epochs)
+    if epochs != rec.epochs and (args.kl_warmup is None or args.lr_decay_start is None):
+        _note(
+            f"the {args.model}/{args.method} recipe's schedule is scaled from {rec.epochs} to "
+            f"{epochs} epochs (flags --kl-warmup and --lr-decay-start set it by hand)"
+        )
+    if args.kl_warmup is not None:
+        kl_warmup = tuple(args.kl_warmup)
+    if args.lr_decay_start is not None:
+        lr_decay_start = args.lr_decay_start
+    Schedule(kl_warmup, lr_decay_start)  # raises on a reversed warm-up
+    if kl_warmup[1] > epochs:
+        _note(f"the KL warm-up ends at epoch {kl_warmup[1]:g}, after the last ({epochs})")
+    layer = dict(rec.layer)
+    if "train_clip" in layer:
+        layer["train_clip"] = args.train_clip
+    layer.update(args.layer)
+    return {
+        "model": args.model,
+        "method": args.method,
+        "epochs": epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "kl_warmup": list(kl_warmup),
+        "lr_decay_start": lr_decay_start,
+        "init": args.init or rec.init,
+        "layer": layer,
+        "seed": args.seed,
+    }
+
+
+def _run_folder(args: argparse.Namespace) -> Path:
+    """Create and return ``--out``, or a new ``runs/MODEL-METHOD-sSEED[-N]`` (never old)."""
+    if args.out is None:
+        if args.resume:
+            raise UsageError("--resume needs --out DIR, the run folder to continue")
+        base = Path("runs") / f"{args.model}-{args.method}-s{args.seed}"
+        for n in range(1, 10**6):
+            folder = base.with_name(f"{base.name}-{n}") if n > 1 else base
+            try:
+                folder.mkdir(parents=True)  # exclusive: two new runs never share a folder
+                return folder
+            except FileExistsError:
+                continue
+    folder = Path(args.out)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is a file; give a directory for the run")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create the run folder --out {folder}: {err.strerror}") from err
+    return folder
+
+
+def _claim(folder: Path, args: argparse.Namespace) -> None:
+    """Check what the folder holds against --resume / --overwrite (the folder is locked)."""
+    existing = [name for name in (CHECKPOINT, REPORT, MODEL) if (folder / name).exists()]
+    if args.overwrite:
+        for name in existing:
+            (folder / name).unlink()
+    elif args.resume:
+        if existing and CHECKPOINT not in existing:
+            raise UsageError(
+                f"{folder} holds {', '.join(existing)} but no {CHECKPOINT} to resume; "
+                "use --overwrite to start again there, or another --out"
+            )
+        if not existing:
+            _note(f"no checkpoint in {folder} to resume; starting a new run there")
+    elif existing:
+        raise UsageError(
+            f"{folder} already holds a run ({', '.join(existing)}); continue it with "
+            "--resume, replace it with --overwrite, or choose another --out"
+        )
+
+
+def _load_data(data_dir: Path | None) -> dict[str, Split]:
+    data = preprocess(load_mnist(data_dir))
+    for name, split in data.items():
+        if tuple(split.images.shape[1:]) != (1, 28, 28):
+            raise DataError(
+                f"MNIST {name} images must be 28x28, got shape {tuple(split.images.shape[1:])}"
+            )
+    return data
 
 
 def _print_epoch(record: dict[str, float]) -> None:
@@ -199,113 +267,141 @@ def _print_epoch(record: dict[str, float]) -> None:
     tqdm.write(line + f"  ({record['train_seconds']:.1f} s)", file=sys.stdout)
 
 
-def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """Train, threshold and evaluate as the ``train`` command does; return the report."""
-    start = time.perf_counter()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    recipe = RECIPES[args.model, args.method]
-    epochs = args.epochs if args.epochs is not None else recipe.epochs
-    kl_warmup = tuple(args.kl_warmup) if args.kl_warmup is not None else recipe.kl_warmup
-    lr_decay_start = (
-        args.lr_decay_start if args.lr_decay_start is not None else recipe.lr_decay_start
-    )
-    init = args.init or recipe.init
-    layer = dict(recipe.layer)
-    if "train_clip" in layer:
-        layer["train_clip"] = args.train_clip
-    layer.update(args.layer)
-    out = args.out or Path("runs") / f"{args.model}-{args.method}-s{args.seed}"
-    settings = {
-        "model": args.model,
-        "method": args.method,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "kl_warmup": list(kl_warmup),
-        "lr_decay_start": lr_decay_start,
-        "init": init,
-        "layer": layer,
-        "seed": args.seed,
-    }
-    data = preprocess(load_mnist(args.data_dir))
-    torch.manual_seed(args.seed)
-    net = build_net(args.model, args.method, init, **layer)
-    test = data["test"]
-    history = train(
-        net,
-        data["train"].images,
-        data["train"].labels,
-        epochs=epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        schedule=Schedule(kl_warmup=kl_warmup, lr_decay_start=lr_decay_start),
-        seed=args.seed,
-        checkpoint=out / "checkpoint.pt",
-        resume=args.resume,
-        meta=settings,
-        eval_data=(test.images, test.labels),
-        on_epoch_end=_print_epoch,
-        progress=args.progress,
-    )
+def _layer_names(net: nn.Module) -> dict[str, str]:
+    """``{"1": "1 Linear 784->300", ...}``: a layer's name with its type and shape."""
+    names = {}
+    for name, m in sparse_modules(net):
+        if isinstance(m, nn.Linear):
+            shape = f"Linear {m.in_features}->{m.out_features}"
+        else:
+            conv: Any = m
+            kernel = "x".join(str(k) for k in conv.kernel_size)
+            shape = f"Conv {conv.in_channels}->{conv.out_channels} {kernel}"
+        names[name] = f"{name} {shape}"
+    return names
+
+
+class Job:
+    """A checked ``train`` command: its settings, run folder, data and network."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.settings = _settings(args)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        data = _load_data(args.data_dir)
+        self.train_split, self.test = data["train"], data["test"]
+        torch.manual_seed(args.seed)
+        self.net = build_net(
+            args.model, args.method, self.settings["init"], **self.settings["layer"]
+        )
+        check_data(self.net, *self.train_split)
+        check_data(self.net, *self.test, what="test")
+        self.folder = _run_folder(args)
+
+    def run(self) -> dict[str, Any]:
+        """Train (or resume), evaluate, and write the model and report; return the report."""
+        start = time.perf_counter()
+        settings, folder = self.settings, self.folder
+        with RunFolder(folder):
+            _claim(folder, self.args)
+            tqdm.write(f"run folder {folder}", file=sys.stderr)
+            history = train(
+                self.net,
+                *self.train_split,
+                epochs=settings["epochs"],
+                batch_size=settings["batch_size"],
+                lr=settings["lr"],
+                schedule=Schedule(tuple(settings["kl_warmup"]), settings["lr_decay_start"]),
+                seed=settings["seed"],
+                checkpoint=folder / CHECKPOINT,
+                resume=(folder / CHECKPOINT).exists(),
+                meta={key: settings[key] for key in ("model", "method", "init", "layer")},
+                eval_data=(self.test.images, self.test.labels),
+                on_epoch_end=_print_epoch,
+                progress=self.args.progress,
+            )
+            report = _report(self.net, self.test, self.args.threshold, settings, history)
+            # Earlier sessions count up to their last checkpoint; this one to the report.
+            report["wall_seconds"] = history.wall_seconds + time.perf_counter() - start
+            atomic_write(folder / MODEL, torch_bytes(self.net.state_dict()))
+            atomic_write(folder / REPORT, to_strict_json(report).encode())
+        return report
+
+
+def _report(
+    net: nn.Module, test: Split, threshold: float | None, settings: dict[str, Any], history: Any
+) -> dict[str, Any]:
     logits = predict_logits(net, test.images)
-    sparsity = sparsity_report(net, args.threshold)
-    report = {
-        "settings": {**settings, "epochs": epochs, "threshold": args.threshold},
+    sparsity = sparsity_report(net, threshold)
+    names = _layer_names(net)
+    return {
+        "settings": {**settings, "threshold": threshold},
         **classification_report(logits, test.labels),
         "compression": sparsity["compression"],
-        "architecture": kept_architecture(net, args.threshold),
+        "architecture": kept_architecture(net, threshold),
         "sparsity": sparsity["sparsity"],
         "weights": sparsity["weights"],
         "kept": sparsity["kept"],
-        "layers": sparsity["layers"],
+        "layers": {
+            name: {"layer": names[name], **layer} for name, layer in sparsity["layers"].items()
+        },
         "train_seconds": sum(r["train_seconds"] for r in history.epochs),
-        "wall_seconds": time.perf_counter() - start,
+        "sessions": history.sessions,
         "history": history.epochs,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    torch.save(net.state_dict(), out / "model.pt")
-    return report
 
 
 def _print_report(report: dict[str, Any], out: Path) -> None:
     s = report["settings"]
+    sessions = f" over {report['sessions']} sessions" if report["sessions"] > 1 else ""
+    compression = report["compression"]
     print(f"\n{s['model']} / {s['method']}, {s['epochs']} epochs, seed {s['seed']}")
     print(f"  test error   {report['error']:.2%}")
     print(
-        f"  compression  {report['compression']:.1f}x  ({report['kept']} of "
-        f"{report['weights']} weights kept)"
+        f"  compression  {compression:.1f}x  ({report['kept']} of {report['weights']} "
+        "weights kept)"
+        if math.isfinite(compression)
+        else f"  compression  all {report['weights']} weights pruned"
     )
     print(f"  kept units   {report['architecture']}")
     print(f"  test NLL     {report['nll']:.4f}")
     print(f"  ECE          {report['ece']:.4f}")
-    layers = "  ".join(
-        f"{name}: {layer['sparsity']:.1%}" for name, layer in report["layers"].items()
-    )
-    print(f"  sparsity     {layers}")
+    for layer in report["layers"].values():
+        print(f"  layer {layer['layer']:<24} sparsity {layer['sparsity']:6.1%}")
     print(
-        f"  wall time    {report['wall_seconds']:.0f} s (training {report['train_seconds']:.0f} s)"
+        f"  time         {report['wall_seconds']:.0f} s{sessions} (training "
+        f"{report['train_seconds']:.0f} s)"
     )
-    print(f"  report       {out / 'report.json'}")
+    print(f"  report       {out / REPORT}")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (0 ok, 1 failed run, 2 user mistake)."""
     args = _parser().parse_args(argv)
-    if args.command == "train":
-        try:
-            report = run_train(args)
-        except (DataError, FileExistsError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(
-                "\ninterrupted: the last completed epoch is in the checkpoint; rerun with "
-                "--resume to continue.",
-                file=sys.stderr,
-            )
-            return 130
-        out = args.out or Path("runs") / f"{args.model}-{args.method}-s{args.seed}"
-        _print_report(report, out)
-        if not math.isfinite(report["error"]):
-            return 1
-    return 0
+    try:
+        job = Job(args)  # every check that needs no training happens here
+    except (ValueError, TypeError) as err:  # bad options, layer options, data or network
+        return _fail(str(err), 2)
+    except KeyboardInterrupt:
+        return 130
+    try:
+        report = job.run()
+    except (UsageError, RunFolderBusy, CheckpointError) as err:
+        return _fail(str(err), 2)
+    except (TrainingDiverged, StorageError) as err:
+        return _fail(str(err), 1)
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: the last completed epoch is in the checkpoint; continue with "
+            f"--resume --out {job.folder}",
+            file=sys.stderr,
+        )
+        return 130
+    _print_report(report, job.folder)
+    return 0 if math.isfinite(report["error"]) else 1

@@ -1,88 +1,53 @@
-"""Training a sparse network by SVI, with progress bars and resumable checkpoints."""
+"""The SVI training loop: one epoch at a time, checked after every step, checkpointed."""
 
 from __future__ import annotations
 
 import math
-import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyro
-import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
-from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bayessparse.convert import sparse_modules
-from bayessparse.infer import (
-    JointOptim,
-    SparseGuide,
-    kl,
-    linear_decay,
-    linear_warmup,
-    project_,
-)
+from bayessparse.infer import JointOptim, linear_decay, linear_warmup, project_
 from bayessparse.masks import sparsity_report
 from bayessparse.metrics import error_rate, predict_logits
+from bayessparse.training.objective import SparseClassifier
+from bayessparse.training.storage import (
+    CheckpointError,
+    RunFolder,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+MAX_SEED = 2**32 - 1
 
 
-class SparseClassifier:
-    """The Pyro model of a sparse classifier: ``y ~ Categorical(logits=net(x))`` plus KL.
+class TrainingDiverged(FloatingPointError):
+    """The loss or a parameter became NaN or infinite; the last checkpoint is intact."""
 
-    The layers' analytic KL enters once per step, outside the data plate, through
-    ``pyro.factor("kl", -kl(net))``; latent sites of the layers (horseshoe scales) are
-    sampled inside ``net`` and matched by :meth:`guide`. Both are scaled by
-    :attr:`kl_weight` (KL warm-up). The data plate has ``size=num_data`` so that the
-    mini-batch log-likelihood is scaled up to the full data set. With ``Trace_ELBO`` the
-    loss is the un-normalised negative ELBO ``N * mean CE + kl_weight * KL``.
 
-    Args:
-        net: a network with sparse layers (see :func:`~bayessparse.to_sparse_`).
-        num_data: size of the full training set.
-        kl_weight: initial weight of the KL term, in [0, 1].
-    """
+class CheckpointExists(FileExistsError):
+    """A checkpoint exists and resuming was not asked for (it would be overwritten)."""
 
-    def __init__(self, net: nn.Module, num_data: int, kl_weight: float = 1.0) -> None:
-        if num_data < 1:
-            raise ValueError(f"Expected num_data >= 1, got {num_data!r}.")
-        self.net = net
-        self.num_data = num_data
-        self.kl_weight = kl_weight
-        self.sparse_guide = SparseGuide(net)
-        self.last_kl = self.last_data = math.nan
 
-    def _complexity_scale(self) -> Any:
-        # poutine.scale rejects a zero scale; a zero weight masks the terms out instead.
-        if self.kl_weight > 0:
-            return poutine.scale(scale=self.kl_weight)
-        return poutine.mask(mask=False)
-
-    def __call__(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        with self._complexity_scale():
-            logits = self.net(x)
-            complexity = kl(self.net)
-            pyro.factor("kl", -complexity)
-        self.last_kl = float(complexity.detach())
-        if y is not None:
-            ce = F.cross_entropy(logits.detach(), y, reduction="sum")
-            self.last_data = float(ce) * self.num_data / x.shape[0]
-        with pyro.plate("data", size=self.num_data, subsample=torch.arange(x.shape[0])):
-            pyro.sample("y", dist.Categorical(logits=logits), obs=y)
-        return logits
-
-    def guide(self, x: Tensor, y: Tensor | None = None) -> None:
-        """The posterior of the layers' latent sites, scaled like them (see the class)."""
-        with self._complexity_scale():
-            self.sparse_guide()
+def _check_finite(name: str, value: float, low: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected {name} to be a number, got {value!r}.")
+    if not math.isfinite(value) or value < low:
+        raise ValueError(f"Expected {name} to be a finite number >= {low:g}, got {value!r}.")
+    return float(value)
 
 
 @dataclass
@@ -93,10 +58,28 @@ class Schedule:
         kl_warmup: ``(start, end)``: KL weight 0 before ``start``, linear to 1 at ``end``.
         lr_decay_start: epoch from which the learning rate falls linearly to 0 at the last
             epoch (``None``: halfway).
+
+    Raises:
+        ValueError: a value is NaN, infinite or negative, or the warm-up ends before it
+            starts.
     """
 
     kl_warmup: tuple[float, float] = (0.0, 0.0)
     lr_decay_start: float | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.kl_warmup) != 2:
+            raise ValueError(f"Expected kl_warmup = (start, end), got {self.kl_warmup!r}.")
+        start = _check_finite("the KL warm-up start", self.kl_warmup[0])
+        end = _check_finite("the KL warm-up end", self.kl_warmup[1])
+        if end < start:
+            raise ValueError(
+                f"Expected a KL warm-up that ends after it starts, got start {start:g} and "
+                f"end {end:g}. Swap them."
+            )
+        self.kl_warmup = (start, end)
+        if self.lr_decay_start is not None:
+            self.lr_decay_start = _check_finite("lr_decay_start", self.lr_decay_start)
 
     def kl_weight(self, epoch: float) -> float:
         return linear_warmup(epoch, *self.kl_warmup)
@@ -108,9 +91,18 @@ class Schedule:
 
 @dataclass
 class History:
-    """What :func:`train` records: one dict per completed epoch."""
+    """What :func:`train` records.
+
+    Attributes:
+        epochs: one dict per completed epoch.
+        wall_seconds: time spent in :func:`train`, over every session of the run (each
+            session counted up to its last checkpoint, the current one to its end).
+        sessions: how many calls of :func:`train` the run took (1 + the resumes).
+    """
 
     epochs: list[dict[str, float]] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    sessions: int = 0
 
     @property
     def completed(self) -> int:
@@ -122,16 +114,6 @@ def _bar(iterable: range, progress: bool | None, **kwargs: Any) -> Any:
     if progress is False:
         return iterable
     return tqdm(iterable, disable=None if progress is None else False, **kwargs)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` to ``path`` so that a crash leaves the old file or the new one, intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _release_stale_params(net: nn.Module) -> None:
@@ -147,18 +129,224 @@ def _release_stale_params(net: nn.Module) -> None:
             del store[name]
 
 
-def _check_training_data(net: nn.Module, images: Tensor, labels: Tensor) -> None:
-    if images.shape[0] != labels.shape[0]:
+def _as_tensor(name: str, value: Any) -> Tensor:
+    if isinstance(value, np.ndarray):  # numpy data is welcome; it shares memory
+        return torch.from_numpy(value)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"Expected {name} as a torch.Tensor, got {type(value).__name__}.")
+    return value
+
+
+def check_data(net: nn.Module, images: Any, labels: Any, what: str = "training") -> tuple:
+    """``(images, labels)`` as tensors, after checking that ``net`` can learn from them.
+
+    One forward pass on two examples (no gradient, the RNG untouched) checks the input
+    shape and finds the number of classes that the labels must index.
+
+    Raises:
+        TypeError: not tensors (or numpy arrays), or labels that are not integers.
+        ValueError: sizes that differ, inputs the network cannot take, labels outside
+            ``[0, classes)``, or a network without sparse layers.
+    """
+    images, labels = _as_tensor(f"{what} images", images), _as_tensor(f"{what} labels", labels)
+    if images.shape[0] != labels.shape[0] or labels.dim() != 1:
         raise ValueError(
-            f"Expected as many labels as images, got {images.shape[0]} images and "
-            f"{labels.shape[0]} labels."
+            f"Expected one label per {what} image, got {tuple(images.shape)} images and "
+            f"{tuple(labels.shape)} labels."
         )
-    if labels.dtype not in (torch.int64, torch.int32, torch.uint8):
-        raise TypeError(f"Expected integer class labels, got dtype {labels.dtype}.")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(
+            f"Expected integer class labels, got {what} labels of dtype {labels.dtype}. "
+            "Convert them with labels.long()."
+        )
     if not any(True for _ in sparse_modules(net)):
         raise ValueError(
             f"{type(net).__name__} has no sparse layers to train. Convert it first with "
             "bayessparse.to_sparse_(net)."
+        )
+    if images.shape[0] == 0:
+        raise ValueError(f"Expected at least one {what} example, got none.")
+    classes = _num_outputs(net, images[:2], what)
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if bad.numel():
+        raise ValueError(
+            f"{what.capitalize()} labels must be class indices 0..{classes - 1} for a "
+            f"network with {classes} outputs; {bad.numel()} labels are outside, e.g. "
+            f"{sorted(set(bad.tolist()))[:5]}. Fix the labels or the network's output size."
+        )
+    return images, labels.long()
+
+
+def _num_outputs(net: nn.Module, example: Tensor, what: str) -> int:
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = net(example)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"The network cannot take the {what} images of shape {tuple(example.shape[1:])}: {err}"
+        ) from err
+    finally:
+        net.train(was_training)
+    if out.dim() != 2:
+        raise ValueError(
+            f"Expected the network to output logits of shape (N, classes), got "
+            f"{tuple(out.shape)} for {what} images of shape {tuple(example.shape)}."
+        )
+    return out.shape[1]
+
+
+def _first_nonfinite(net: nn.Module) -> str | None:
+    """The name of a NaN/inf parameter of ``net``, if any.
+
+    One sum per tensor (a read pass, far cheaper than the step) flags a problem; only
+    then is each tensor checked, since a sum of large finite values can overflow.
+    """
+    named = list(net.named_parameters())
+    total = torch.stack([p.detach().sum() for _, p in named]).sum()
+    if bool(torch.isfinite(total)):
+        return None
+    return next((n for n, p in named if not bool(torch.isfinite(p).all())), None)
+
+
+def _mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{k} is {saved.get(k)!r} there and {current.get(k)!r} here"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
+
+
+class _Trainer:
+    """The state of one training run: network, objective, optimiser, history."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        schedule: Schedule,
+        seed: int,
+        settings: dict[str, Any],
+    ) -> None:
+        self.net, self.images, self.labels = net, images, labels
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
+        self.schedule, self.seed, self.settings = schedule, seed, settings
+        self.model = SparseClassifier(net, images.shape[0])
+        self.optim = JointOptim(torch.optim.Adam, {"lr": lr})
+        self.history = History()
+        self.start = time.perf_counter()
+        self.earlier_wall = 0.0  # seconds of the sessions before this one
+
+    def restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"Checkpoint {str(path)!r} has format version {state.get('version')!r}; "
+                f"this version of bayessparse reads {CHECKPOINT_VERSION}. Start a new run."
+            )
+        different = _mismatches(state["settings"], self.settings)
+        if different:
+            raise CheckpointError(
+                f"Checkpoint {str(path)!r} is from a different run: "
+                + "; ".join(different)
+                + ". Resume with the same settings and data, or start a new run elsewhere."
+            )
+        self.net.load_state_dict(state["net"])
+        self.optim.set_state(state["optim"])
+        torch.set_rng_state(state["rng"])
+        self.history.epochs = state["history"]
+        self.history.sessions = state["sessions"]
+        self.earlier_wall = state["wall_seconds"]
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(
+            {
+                "version": CHECKPOINT_VERSION,
+                "settings": self.settings,
+                "net": self.net.state_dict(),
+                "optim": self.optim.get_state(),
+                "rng": torch.get_rng_state(),
+                "history": self.history.epochs,
+                "sessions": self.history.sessions,
+                "wall_seconds": self.wall_seconds(),
+            },
+            path,
+        )
+
+    def wall_seconds(self) -> float:
+        return self.earlier_wall + time.perf_counter() - self.start
+
+    def batches(self, epoch: int) -> Iterator[Tensor]:
+        num_data = self.images.shape[0]
+        # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
+        epoch_rng = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(num_data, generator=epoch_rng)
+        return iter(order.split(self.batch_size))
+
+    def run_epoch(self, svi: SVI, epoch: int, progress: bool | None) -> dict[str, float]:
+        self.net.train()
+        start = time.perf_counter()
+        num_batches = math.ceil(self.images.shape[0] / self.batch_size)
+        data_sum = kl_sum = 0.0
+        bar = _bar(range(num_batches), progress, desc=f"epoch {epoch + 1}", leave=False)
+        for i, idx in zip(bar, self.batches(epoch), strict=True):
+            now = epoch + i / num_batches
+            self.model.kl_weight = self.schedule.kl_weight(now)
+            self.optim.lr_factor = self.schedule.lr_factor(now, self.epochs)
+            # Pyro's checks run on the first step; after that the data and model are known.
+            with pyro.validation_enabled(epoch == 0 and i == 0):
+                loss = svi.step(self.images[idx], self.labels[idx])
+            project_(self.net)
+            self._check_step(loss, epoch, i, idx)
+            data_sum += self.model.last_data
+            kl_sum += self.model.last_kl
+            if isinstance(bar, tqdm) and i % 50 == 0:
+                bar.set_postfix(data=f"{self.model.last_data:.4g}", kl=f"{self.model.last_kl:.4g}")
+        return {
+            "epoch": epoch + 1,
+            "data_term": data_sum / num_batches,
+            "kl": kl_sum / num_batches,
+            "kl_weight": self.model.kl_weight,
+            "lr": self.lr * self.optim.lr_factor,
+            "train_seconds": time.perf_counter() - start,
+        }
+
+    def _check_step(self, loss: float, epoch: int, batch: int, idx: Tensor) -> None:
+        bad = _first_nonfinite(self.net)
+        if bad is None and math.isfinite(loss):
+            return
+        where = f"at epoch {epoch + 1}, batch {batch + 1}"
+        lr = self.lr * self.optim.lr_factor
+        x = self.images[idx]
+        dtype = next(self.net.parameters()).dtype
+        if not bool(torch.isfinite(x).all()):
+            reason = f"the training images of the batch {where} hold NaN or inf values"
+            fix = "Clean the data"
+        elif dtype in (torch.float16, torch.bfloat16):
+            reason = (
+                f"the loss overflowed in {dtype} {where} (data term {self.model.last_data:.4g}, "
+                f"KL {self.model.last_kl:.4g}: the KL of a large network exceeds float16)"
+            )
+            fix = "Train in float32 (net.float() and float32 images)"
+        elif bad is not None:
+            reason = f"parameter {bad!r} became NaN or inf {where} (learning rate {lr:g})"
+            fix = "Lower the learning rate"
+        else:
+            reason = (
+                f"the loss became {loss} {where} with finite parameters (data term "
+                f"{self.model.last_data:.4g}, KL {self.model.last_kl:.4g})"
+            )
+            fix = "Lower the learning rate or check the model"
+        raise TrainingDiverged(
+            f"Training stopped: {reason}. {fix}; the last checkpoint (epoch "
+            f"{self.history.completed}) is intact."
         )
 
 
@@ -182,23 +370,30 @@ def train(
     """Train a sparse classifier by SVI (``Trace_ELBO``, Adam), one epoch at a time.
 
     After every epoch the full training state (network, optimizer, RNG, history) is
-    written atomically to ``checkpoint``; with ``resume=True`` training continues from the
-    last completed epoch there, with the same result as an uninterrupted run. Each epoch's
-    record holds the mean data term (``N * mean CE``), the mean KL, the KL weight, the
-    learning rate and, given ``eval_data``, the test error and compression.
+    written atomically to ``checkpoint``, with a checksum; with ``resume=True`` training
+    continues from the last completed epoch there, with the same result as an
+    uninterrupted run. The checkpoint's folder belongs to this run while it trains
+    (:class:`~bayessparse.training.RunFolder`). Each epoch's record holds the mean data
+    term (``N * mean CE``), the mean KL, the KL weight, the learning rate and, given
+    ``eval_data``, the test error and compression.
+
+    Every step is checked: a NaN or infinite loss or parameter stops training with
+    :class:`TrainingDiverged`, leaving the last checkpoint as it was.
 
     Args:
         net: a network with sparse layers; trained in place.
-        images, labels: the training set.
+        images, labels: the training set (tensors or numpy arrays).
         epochs: total number of epochs (including those already done when resuming).
         batch_size: mini-batch size.
         lr: Adam learning rate before the schedule's factor.
         schedule: KL warm-up and learning-rate decay (default: no warm-up, linear decay
             over the second half).
-        seed: seeds the mini-batch order of each epoch and the noise.
+        seed: seeds the mini-batch order of each epoch and the noise, in [0, 2**32).
         checkpoint: file for the per-epoch checkpoints (``None``: no checkpoints).
         resume: continue from ``checkpoint`` if it exists.
-        meta: settings stored in the checkpoint and checked on resume (e.g. the model).
+        meta: further settings that change the result (e.g. the model), stored in the
+            checkpoint and checked on resume together with ``epochs``, ``batch_size``,
+            ``lr``, ``schedule``, ``seed`` and a fingerprint of the training data.
         eval_data: ``(images, labels)`` evaluated after every epoch.
         on_epoch_end: called with each epoch's record.
         progress: show tqdm bars (``None``: only on a terminal).
@@ -207,117 +402,98 @@ def train(
         The :class:`History` of all completed epochs.
 
     Raises:
-        FileExistsError: if ``checkpoint`` exists and ``resume`` is false (it would be
-            overwritten).
-        ValueError: bad sizes, or a checkpoint from a different run.
+        CheckpointExists: ``checkpoint`` exists and ``resume`` is false.
+        CheckpointError: the checkpoint is damaged or from a run with other settings or data.
+        RunFolderBusy: another process is training into the same folder.
+        StorageError: a checkpoint could not be written (e.g. the disk is full).
+        TrainingDiverged: the loss or a parameter became NaN or infinite.
+        ValueError, TypeError: bad options or data (before any training).
     """
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"Expected {name} to be a positive integer, got {value!r}.")
-    if not lr > 0:
-        raise ValueError(f"Expected a positive learning rate, got lr={lr!r}.")
-    _check_training_data(net, images, labels)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"Expected a finite, positive learning rate, got lr={lr!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"Expected seed to be an integer in [0, 2**32), got {seed!r}.")
+    images, labels = check_data(net, images, labels)
+    if eval_data is not None:
+        eval_data = check_data(net, *eval_data, what="evaluation")
     schedule = schedule or Schedule()
-    meta = dict(meta or {})
-    num_data = images.shape[0]
-    num_batches = math.ceil(num_data / batch_size)
-
-    model = SparseClassifier(net, num_data)
-    optim = JointOptim(torch.optim.Adam, {"lr": lr})
-    history = History()
-    path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.exists():
-        if not resume:
-            raise FileExistsError(
-                f"Checkpoint {str(path)!r} already exists. Resume it (resume=True, or --resume "
-                "on the command line) or choose another output directory."
+    settings = {
+        **(meta or {}),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": float(lr),
+        "kl_warmup": list(schedule.kl_warmup),
+        "lr_decay_start": schedule.lr_decay_start,
+        "seed": seed,
+        "data": fingerprint(images, labels),
+    }
+    trainer = _Trainer(
+        net,
+        images,
+        labels,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        schedule=schedule,
+        seed=seed,
+        settings=settings,
+    )
+    if checkpoint is None:
+        return _fit(trainer, None, eval_data, on_epoch_end, progress)
+    path = Path(checkpoint)
+    with RunFolder(path.parent):
+        if path.exists():
+            if not resume:
+                raise CheckpointExists(
+                    f"Checkpoint {str(path)!r} already exists. Pass resume=True to continue "
+                    "it, or choose another checkpoint path."
+                )
+            trainer.restore(path)
+        elif resume:
+            warnings.warn(
+                f"No checkpoint at {str(path)!r} to resume; starting from scratch.",
+                stacklevel=2,
             )
-        state = torch.load(path, weights_only=False)
-        if state.get("version") != CHECKPOINT_VERSION or state.get("meta") != meta:
-            raise ValueError(
-                f"Checkpoint {str(path)!r} is from a different run: it has settings "
-                f"{state.get('meta')}, this run has {meta}. Use the same settings or another "
-                "output directory."
-            )
-        net.load_state_dict(state["net"])
-        optim.set_state(state["optim"])
-        torch.set_rng_state(state["rng"])
-        history.epochs = state["history"]
-    elif resume and path is not None:
-        warnings.warn(
-            f"No checkpoint at {str(path)!r} to resume; starting from scratch.", stacklevel=2
-        )
-    elif path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        return _fit(trainer, path, eval_data, on_epoch_end, progress)
 
+
+def _fit(
+    trainer: _Trainer,
+    path: Path | None,
+    eval_data: tuple[Tensor, Tensor] | None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None,
+    progress: bool | None,
+) -> History:
+    history, net = trainer.history, trainer.net
+    history.sessions += 1
     if history.completed == 0:
-        torch.manual_seed(seed)
+        torch.manual_seed(trainer.seed)
     _release_stale_params(net)
-    svi = SVI(model, model.guide, optim, Trace_ELBO())
-
+    svi = SVI(trainer.model, trainer.model.guide, trainer.optim, Trace_ELBO())
     epoch_bar = _bar(
-        range(history.completed, epochs),
+        range(history.completed, trainer.epochs),
         progress,
         initial=history.completed,
-        total=epochs,
+        total=trainer.epochs,
         desc="epochs",
         unit="ep",
     )
     for epoch in epoch_bar:
-        net.train()
-        start = time.perf_counter()
-        # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
-        epoch_rng = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(num_data, generator=epoch_rng)
-        data_sum = kl_sum = 0.0
-        batches = _bar(range(num_batches), progress, desc=f"epoch {epoch + 1}", leave=False)
-        for i in batches:
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            now = epoch + i / num_batches
-            model.kl_weight = schedule.kl_weight(now)
-            optim.lr_factor = schedule.lr_factor(now, epochs)
-            # Pyro's checks run on the first step; after that the data and model are known.
-            with pyro.validation_enabled(epoch == 0 and i == 0):
-                loss = svi.step(images[idx], labels[idx])
-            project_(net)
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"The loss became {loss} at epoch {epoch + 1}, batch {i + 1}. Lower the "
-                    "learning rate or check the inputs for NaN/inf."
-                )
-            data_term = model.last_data
-            data_sum += data_term
-            kl_sum += model.last_kl
-            if isinstance(batches, tqdm) and i % 50 == 0:
-                batches.set_postfix(data=f"{data_term:.4g}", kl=f"{model.last_kl:.4g}")
-        record = {
-            "epoch": epoch + 1,
-            "data_term": data_sum / num_batches,
-            "kl": kl_sum / num_batches,
-            "kl_weight": model.kl_weight,
-            "lr": lr * optim.lr_factor,
-            "train_seconds": time.perf_counter() - start,
-        }
+        record = trainer.run_epoch(svi, epoch, progress)
         if eval_data is not None:
             record["test_error"] = error_rate(predict_logits(net, eval_data[0]), eval_data[1])
             record["compression"] = sparsity_report(net)["compression"]
         history.epochs.append(record)
         if path is not None:
-            _atomic_save(
-                {
-                    "version": CHECKPOINT_VERSION,
-                    "meta": meta,
-                    "net": net.state_dict(),
-                    "optim": optim.get_state(),
-                    "rng": torch.get_rng_state(),
-                    "history": history.epochs,
-                },
-                path,
-            )
+            trainer.save(path)
         if isinstance(epoch_bar, tqdm) and "test_error" in record:
             epoch_bar.set_postfix(
                 err=f"{record['test_error']:.2%}", comp=f"{record['compression']:.1f}x"
             )
         if on_epoch_end is not None:
             on_epoch_end(record)
+    history.wall_seconds = trainer.wall_seconds()
     return history

@@ -1,0 +1,47 @@
+"""Training sparse networks by SVI, with progress bars and checkpoints that survive crashes.
+
+- :mod:`~bayessparse.training.objective`: the Pyro model that SVI optimises;
+- :mod:`~bayessparse.training.loop`: :func:`train`, one epoch at a time, every step checked;
+- :mod:`~bayessparse.training.storage`: atomic writes, verified checkpoints, and
+  :class:`RunFolder`, a directory owned by one run at a time.
+"""
+
+from bayessparse.training.loop import (
+    CheckpointExists,
+    History,
+    Schedule,
+    TrainingDiverged,
+    check_data,
+    train,
+)
+from bayessparse.training.objective import SparseClassifier
+from bayessparse.training.storage import (
+    CheckpointError,
+    RunFolder,
+    RunFolderBusy,
+    StorageError,
+    atomic_write,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+    to_strict_json,
+)
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointExists",
+    "History",
+    "RunFolder",
+    "RunFolderBusy",
+    "Schedule",
+    "SparseClassifier",
+    "StorageError",
+    "TrainingDiverged",
+    "atomic_write",
+    "check_data",
+    "fingerprint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "to_strict_json",
+    "train",
+]
