@@ -143,7 +143,28 @@ def to_sparse_(
             f"{'passed include' if include is not None else 'in the network'}. The network "
             f"holds {found}. Check the include predicate or the layer types."
         )
-    # Converts the tree and re-registers every child in order, which names each
-    # parameter in Pyro's param store by its path from the root.
-    to_pyro_module_(net)
+    _pyro_tree_(net)
     return net
+
+
+def _pyro_tree_(net: nn.Module) -> None:
+    """Make ``net`` and every submodule a PyroModule named by its path, in ``net``'s context.
+
+    Pyro's ``to_pyro_module_`` cannot be run again on a converted network that has run:
+    it re-attaches every child, and attaching asserts that no module below the child has
+    entered its context ("submodule ... has executed outside of supermodule"). The check
+    is meant for modules run on their own, but after a conversion every module shares the
+    root's context, which the first forward pass marks as used, so any container with
+    children trips it. So only modules that are not PyroModules yet are converted,
+    children first, and the names and the context are then set here. A module under
+    several names takes its first one, as in ``named_parameters``.
+    """
+    for module in reversed(list(net.modules())):
+        if not isinstance(module, PyroModule):
+            to_pyro_module_(module, recurse=False)
+    assert isinstance(net, PyroModule)
+    for name, module in net.named_modules():
+        if name:
+            assert isinstance(module, PyroModule)
+            module._pyro_name = f"{net._pyro_name}.{name}" if net._pyro_name else name
+            module._pyro_context = net._pyro_context

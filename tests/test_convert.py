@@ -139,3 +139,39 @@ def test_layers_get_distinct_param_store_names_under_svi():
     for name, param in net.named_parameters():
         assert store[name] is param
         assert not torch.equal(param, before[name]), f"{name} was not trained"
+
+
+class Blocks(nn.Module):
+    """Containers two deep: a ModuleDict holding a Sequential, and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleDict({"a": nn.Sequential(nn.Linear(4, 4), nn.ReLU())})
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.blocks["a"](x))
+
+
+def test_converting_again_after_a_forward_pass_through_nested_containers():
+    torch.manual_seed(0)
+    net = Blocks()
+    x = torch.randn(3, 4)
+    net(x)
+    bs.to_sparse_(net, include=lambda name, m: name == "head")
+    net(x)
+    bs.to_sparse_(net)
+    assert [name for name, _ in bs.sparse_modules(net)] == ["blocks.a.0", "head"]
+    assert net.eval()(x).shape == (3, 2)
+    names = {name for name, _ in pyro.get_param_store().named_parameters()}
+    assert "blocks.a.0.weight_log_sigma2" in names and "head.weight_log_sigma2" in names
+
+
+def test_every_pyro_module_is_named_by_its_path_and_shares_the_root_context():
+    net = Blocks()
+    bs.to_sparse_(net, include=lambda name, m: name == "head")
+    net(torch.randn(3, 4))
+    bs.to_sparse_(net)
+    for name, module in net.named_modules():
+        assert module._pyro_name == name
+        assert module._pyro_context is net._pyro_context
