@@ -79,6 +79,19 @@ def sparse_modules(net: nn.Module) -> Iterator[tuple[str, SparseModule]]:
             yield name, module
 
 
+def _slots(net: nn.Module) -> Iterator[tuple[nn.Module, str, str, nn.Module]]:
+    """``(parent, key, name, child)`` for every place a module is registered in ``net``.
+
+    Unlike ``named_modules``, a module registered in several places is listed at each of
+    them (``parent._modules[key]`` is the place); ``name`` is its path through the first
+    name of ``parent``.
+    """
+    for parent_name, parent in net.named_modules():
+        for key, child in parent._modules.items():
+            if child is not None:
+                yield parent, key, f"{parent_name}.{key}" if parent_name else key, child
+
+
 def to_sparse_(
     net: nn.Module,
     method: str = "sparse_vd",
@@ -123,19 +136,26 @@ def to_sparse_(
             f"Unknown sparsification method {method!r}. Choose one of {sorted(METHODS)}."
         )
     table = METHODS[method]
-    converted = 0
-    for parent_name, parent in list(net.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            sparse_cls = table.get(unwrap_pyro_type(type(child)))
-            if sparse_cls is None or (include is not None and not include(name, child)):
-                continue
-            # Assign in place: setattr on a PyroModule parent would move the child to the end
-            # of _modules and so reorder an nn.Sequential.
-            parent._modules[child_name] = sparse_cls.from_dense(child, **layer_kwargs)
-            converted += 1
+    slots = list(_slots(net))
+    # A module under several names is one layer: it is converted if include accepts any
+    # of its names, once, and the one sparse layer takes all of its places.
+    chosen = {
+        id(child)
+        for _, _, name, child in slots
+        if unwrap_pyro_type(type(child)) in table and (include is None or include(name, child))
+    }
+    converted: dict[int, SparseModule] = {}
+    for parent, key, _, child in slots:
+        if id(child) not in chosen:
+            continue
+        if id(child) not in converted:
+            sparse_cls = table[unwrap_pyro_type(type(child))]
+            converted[id(child)] = sparse_cls.from_dense(child, **layer_kwargs)
+        # Assign in place: setattr on a PyroModule parent would move the child to the end
+        # of _modules and so reorder an nn.Sequential.
+        parent._modules[key] = converted[id(child)]
     already_sparse = any(True for _ in sparse_modules(net))
-    if converted == 0 and not already_sparse:
+    if not converted and not already_sparse:
         found = sorted({type(m).__name__ for m in net.modules()})
         raise ValueError(
             f"to_sparse_(method={method!r}) found nothing to convert: no module of type "

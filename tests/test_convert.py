@@ -175,3 +175,26 @@ def test_every_pyro_module_is_named_by_its_path_and_shares_the_root_context():
     for name, module in net.named_modules():
         assert module._pyro_name == name
         assert module._pyro_context is net._pyro_context
+
+
+class Shared(nn.Module):
+    """One Linear under two names, and twice inside one Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.seq = nn.Sequential(self.a, nn.ReLU(), self.a)
+
+    def forward(self, x):
+        return self.seq(self.b(self.a(x)))
+
+
+@pytest.mark.parametrize("include", [None, lambda name, m: name == "seq.2"])
+def test_a_module_under_several_names_becomes_one_sparse_module(include):
+    net = Shared()
+    bs.to_sparse_(net, include=include)
+    assert type(net.a) is VariationalLinear
+    assert net.b is net.a and net.seq[0] is net.a and net.seq[2] is net.a
+    assert [name for name, _ in bs.sparse_modules(net)] == ["a"]
+    assert net(torch.randn(3, 4)).shape == (3, 4)
