@@ -92,6 +92,31 @@ def _slots(net: nn.Module) -> Iterator[tuple[nn.Module, str, str, nn.Module]]:
                 yield parent, key, f"{parent_name}.{key}" if parent_name else key, child
 
 
+def _convert(
+    sparse_cls: type[SparseModule],
+    dense: nn.Module,
+    name: str,
+    owners: dict[int, tuple[str, SparseModule]],
+    layer_kwargs: dict[str, Any],
+) -> SparseModule:
+    """The sparse layer replacing ``dense``, holding its Parameter objects and ties."""
+    layer = sparse_cls.from_dense(dense, **layer_kwargs)
+    # from_dense copies the values; keeping the objects keeps every tie, with layers that
+    # are converted now, later or never, and with the references the caller holds. A
+    # parameter pruned by torch.nn.utils.prune is not in _parameters (its ``_orig`` is).
+    for param_name in ("weight", "bias"):
+        param = dense._parameters.get(param_name)
+        if param is not None:
+            layer._parameters[param_name] = param
+    owner_name, owner = owners.setdefault(id(layer.weight), (name, layer))
+    if owner is not layer:
+        try:
+            layer.share_weight_posterior_(owner)
+        except ValueError as error:
+            raise ValueError(f"{name!r} shares its weight with {owner_name!r}: {error}") from error
+    return layer
+
+
 def to_sparse_(
     net: nn.Module,
     method: str = "sparse_vd",
@@ -104,10 +129,19 @@ def to_sparse_(
     ``PyroModule[nn.Linear]`` and the like), so subclasses
     with their own behaviour and layers that are already sparse are left alone: calling it
     twice is harmless. Each new layer starts from the old one's weights
-    (:meth:`~bayessparse.nn.SparseModule.from_dense`). Normalisation and other layers stay
-    deterministic. The root and all its submodules become :class:`~pyro.nn.PyroModule`
-    (so every parameter gets a unique name in Pyro's param store) and ``net`` can be
-    trained with :class:`pyro.infer.SVI`.
+    (:meth:`~bayessparse.nn.SparseModule.from_dense`) and keeps its ``weight`` and ``bias``
+    Parameter objects. Normalisation and other layers stay deterministic. The root and
+    all its submodules become :class:`~pyro.nn.PyroModule` (so every parameter gets a
+    name in Pyro's param store, its path from the root) and ``net`` can be trained with
+    :class:`pyro.infer.SVI`.
+
+    Shared modules and tied weights stay shared. A module registered under several names
+    is converted once (if ``include`` accepts any of its names) and the one sparse layer
+    takes all its places. Layers that share a weight Parameter keep sharing it, and share
+    the per-weight parameters of its posterior too
+    (:attr:`~bayessparse.nn.SparseModule.per_weight_params`, e.g. sparse VD's
+    ``weight_log_sigma2``); per-unit parameters (gates, group scales) stay per layer. A
+    tie with a layer left dense holds: it reads the posterior mean.
 
     Args:
         net: the network to convert.
@@ -120,7 +154,9 @@ def to_sparse_(
         ``net`` itself, converted.
 
     Raises:
-        ValueError: for an unknown ``method``, or when nothing in ``net`` can be converted.
+        ValueError: for an unknown ``method``, when nothing in ``net`` can be converted, or
+            when a layer shares its weight with a sparse layer of another family (nothing
+            is converted then).
         TypeError: if ``net`` is not an ``nn.Module``.
 
     Example:
@@ -144,16 +180,21 @@ def to_sparse_(
         for _, _, name, child in slots
         if unwrap_pyro_type(type(child)) in table and (include is None or include(name, child))
     }
+    # Layers that share a weight share its posterior: the first layer made from a weight
+    # owns it, and sparse layers already in the network come first.
+    owners: dict[int, tuple[str, SparseModule]] = {}
+    for name, module in sparse_modules(net):
+        owners.setdefault(id(module.weight), (name, module))
     converted: dict[int, SparseModule] = {}
-    for parent, key, _, child in slots:
-        if id(child) not in chosen:
-            continue
-        if id(child) not in converted:
+    for _, _, name, child in slots:
+        if id(child) in chosen and id(child) not in converted:
             sparse_cls = table[unwrap_pyro_type(type(child))]
-            converted[id(child)] = sparse_cls.from_dense(child, **layer_kwargs)
-        # Assign in place: setattr on a PyroModule parent would move the child to the end
-        # of _modules and so reorder an nn.Sequential.
-        parent._modules[key] = converted[id(child)]
+            converted[id(child)] = _convert(sparse_cls, child, name, owners, layer_kwargs)
+    for parent, key, _, child in slots:
+        if id(child) in converted:
+            # Assign in place: setattr on a PyroModule parent would move the child to the
+            # end of _modules and so reorder an nn.Sequential.
+            parent._modules[key] = converted[id(child)]
     already_sparse = any(True for _ in sparse_modules(net))
     if not converted and not already_sparse:
         found = sorted({type(m).__name__ for m in net.modules()})

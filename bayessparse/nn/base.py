@@ -84,13 +84,24 @@ class SparseModule(PyroModule):
     Never threshold :attr:`log_alpha` directly: its sign convention differs by family.
 
     Subclasses implement :attr:`log_alpha`, :meth:`keep_prob`, :meth:`kl` and
-    :meth:`dense_weight`, and set :attr:`default_threshold` to their paper's rule. This is
-    not an ``abc.ABC`` because PyroModule's metaclass conflicts with ABCMeta.
+    :meth:`dense_weight`, set :attr:`default_threshold` to their paper's rule and declare
+    :attr:`per_weight_params`. This is not an ``abc.ABC`` because PyroModule's metaclass
+    conflicts with ABCMeta.
+
+    Layers can share a weight (tied weights): :meth:`share_weight_posterior_` makes a layer
+    use another's ``weight`` and per-weight posterior parameters, the same Parameter
+    objects, and :func:`~bayessparse.to_sparse_` does it for layers whose dense weights
+    were shared. Per-unit parameters (gates, group scales) stay per layer.
 
     Invariant (tested for every class): ``m.eval()(x) == m.to_dense()(x)``.
     """
 
     default_threshold: float  # class default; an instance may override it
+    # The posterior parameters with one value per weight (the shape of ``weight``), which
+    # with ``weight`` make up the weight's posterior: layers that share a weight share
+    # these too. Each family declares its own; an instance may override it when an option
+    # makes a parameter per-weight (L0's gate="weight").
+    per_weight_params: tuple[str, ...]
 
     @property
     def log_alpha(self) -> Tensor:
@@ -147,6 +158,31 @@ class SparseModule(PyroModule):
         A no-op unless the family's recipe constrains a parameter (L0 clamps its gate
         locations); :func:`bayessparse.infer.project_` calls it on every layer of a network.
         """
+
+    def share_weight_posterior_(self, other: SparseModule) -> None:
+        """Use ``other``'s weight posterior: its ``weight`` and :attr:`per_weight_params`.
+
+        The parameters become the same objects in both layers (tied weights), so that a
+        step trains them once for both; this layer's own ones are dropped.
+
+        Raises:
+            ValueError: if ``other`` is of another class, declares other per-weight
+                parameters, or has a weight of another shape.
+        """
+        if (
+            type(other) is not type(self)
+            or other.per_weight_params != self.per_weight_params
+            or other.weight.shape != self.weight.shape
+        ):
+            raise ValueError(
+                f"Expected a {type(self).__name__} with per-weight parameters "
+                f"{self.per_weight_params} and weight shape {tuple(self.weight.shape)} to "
+                f"share the weight posterior of, got a {type(other).__name__} with "
+                f"{other.per_weight_params} and {tuple(other.weight.shape)}. Layers that "
+                "share a weight need the same family and options."
+            )
+        for name in ("weight", *self.per_weight_params):
+            self._parameters[name] = other._parameters[name]
 
     def bias_mask(self, threshold: float | None = None) -> Tensor | None:
         """Boolean bias mask for families that prune whole output units, else ``None``."""

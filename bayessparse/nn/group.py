@@ -51,6 +51,8 @@ class _GroupScaled(SparseModule):
     """
 
     default_threshold: float = GROUP_THRESHOLD
+    # The scales z_g are per unit, so layers that share a weight keep their own.
+    per_weight_params: tuple[str, ...] = ("weight_log_sigma2",)
     weight_log_sigma2: nn.Parameter
 
     def _construct_groups(

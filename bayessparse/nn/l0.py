@@ -47,6 +47,8 @@ class _L0Gated(SparseModule):
     """
 
     default_threshold: float = l0_threshold(2.0 / 3.0, -0.1, 1.1)
+    # Input and output gates are per unit; with gate="weight" the gates are per weight.
+    per_weight_params: tuple[str, ...] = ()
     gate_log_alpha: nn.Parameter
 
     def _construct(
@@ -91,6 +93,8 @@ class _L0Gated(SparseModule):
             "output": (w.shape[0],) + (1,) * (w.dim() - 1),
         }[gate]
         self.gate_log_alpha = nn.Parameter(torch.empty(shape, device=w.device, dtype=w.dtype))
+        if gate == "weight":
+            self.per_weight_params = ("gate_log_alpha",)
         self._finish_construction()
 
     def _reset_posterior(self) -> None:

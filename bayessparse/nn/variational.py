@@ -27,6 +27,7 @@ class _SparseVD(SparseModule):
     """
 
     default_threshold: float = SPARSE_VD_THRESHOLD
+    per_weight_params: tuple[str, ...] = ("weight_log_sigma2",)
     weight_log_sigma2: nn.Parameter
 
     # Sparse layers subclass their torch layer first (``class VariationalLinear(nn.Linear,

@@ -1,0 +1,154 @@
+"""Tied weights: layers that share a weight keep sharing it, and its posterior, when sparse."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from torch import nn
+
+import bayessparse as bs
+from bayessparse.convert import METHODS
+from bayessparse.training import Schedule, train
+
+# Layer options per method for the tests below: L0's weight gates are per-weight parameters.
+OPTIONS = {"l0": {"gate": "weight"}}
+
+
+class Tied(nn.Module):
+    """An encoder and a decoder that share one weight matrix, and a head."""
+
+    def __init__(self, width: int = 20) -> None:
+        super().__init__()
+        self.enc = nn.Linear(width, width)
+        self.dec = nn.Linear(width, width)
+        self.dec.weight = self.enc.weight
+        self.out = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.dec(torch.relu(self.enc(x)))))
+
+
+def tied_net(method: str = "sparse_vd", seed: int = 0) -> Tied:
+    torch.manual_seed(seed)
+    net = Tied()
+    bs.to_sparse_(net, method, **OPTIONS.get(method, {}))
+    return net
+
+
+def toy_problem(n: int = 200):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 20, generator=g)
+    return x, x[:, :3].argmax(-1)
+
+
+def assert_tied(net: Tied) -> None:
+    enc, dec = net.enc, net.dec
+    assert dec.weight is enc.weight
+    for name in enc.per_weight_params:
+        assert getattr(dec, name) is getattr(enc, name), name
+    # Everything else (biases, per-unit gates and scales) stays per layer.
+    for name, param in enc.named_parameters(recurse=False):
+        if name not in ("weight", *enc.per_weight_params):
+            assert getattr(dec, name) is not param, name
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_tied_weights_keep_one_parameter_and_share_the_weight_posterior(method):
+    torch.manual_seed(0)
+    net = Tied()
+    weight = net.enc.weight
+    bs.to_sparse_(net, method, **OPTIONS.get(method, {}))
+    assert isinstance(net.dec, bs.SparseModule) and net.enc.weight is weight
+    assert_tied(net)
+    assert net.enc.per_weight_params  # every family has a per-weight posterior here
+
+
+@pytest.mark.parametrize("gate", ["input", "output", "weight"])
+def test_per_weight_params_lists_exactly_the_weight_shaped_posterior(gate):
+    # The declaration, checked against the shapes (the code never guesses from shapes).
+    for method, table in METHODS.items():
+        for dense_cls, cls in table.items():
+            dense = nn.Linear(4, 6) if dense_cls is nn.Linear else dense_cls(4, 6, 3)
+            layer = cls.from_dense(dense, **({"gate": gate} if method == "l0" else {}))
+            shaped = {
+                name
+                for name, p in layer.named_parameters()
+                if p.shape == layer.weight.shape and name != "weight"
+            }
+            assert shaped == set(layer.per_weight_params), cls.__name__
+
+
+@pytest.mark.parametrize("method", ["sparse_vd", "group_nj", "horseshoe"])
+def test_tied_weights_train_as_one_parameter_under_svi(method):
+    net = tied_net(method)
+    x, y = toy_problem()
+    before = net.enc.weight.detach().clone()
+
+    def model(x, y):
+        logits = net(x)
+        pyro.factor("kl", -bs.kl(net))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+
+    optim = bs.JointOptim(torch.optim.Adam, {"lr": 1e-2})
+    svi = SVI(model, bs.SparseGuide(net), optim, Trace_ELBO())
+    for _ in range(3):
+        svi.step(x, y)
+    assert_tied(net)
+    assert not torch.equal(net.enc.weight, before)
+    stepped = [p for group in optim.optimizer.param_groups for p in group["params"]]
+    assert sum(p is net.enc.weight for p in stepped) == 1
+    assert sum(p is net.enc.weight_log_sigma2 for p in stepped) == 1
+    store = dict(pyro.get_param_store().named_parameters())
+    assert store["enc.weight"] is net.enc.weight and store["dec.weight"] is net.enc.weight
+
+
+def test_tied_weights_stay_tied_through_train():
+    net = tied_net()
+    x, y = toy_problem()
+    before = net.enc.weight.detach().clone()
+    train(net, x, y, epochs=2, batch_size=50, lr=1e-2, schedule=Schedule(), progress=False)
+    assert_tied(net)
+    assert torch.equal(net.enc.weight, net.dec.weight)
+    assert not torch.equal(net.enc.weight, before)
+
+
+def test_state_dict_round_trip_keeps_the_tie():
+    net = tied_net(seed=0)
+    with torch.no_grad():
+        net.enc.weight_log_sigma2.uniform_(-8, 2)
+    fresh = tied_net(seed=1)
+    fresh.load_state_dict(net.state_dict())
+    assert_tied(fresh)
+    x = torch.randn(4, 20)
+    assert torch.equal(fresh.eval()(x), net.eval()(x))
+    net.load_state_dict(net.state_dict())
+    assert_tied(net)
+
+
+def test_a_tie_with_a_layer_left_dense_holds_and_converting_it_later_shares_the_posterior():
+    torch.manual_seed(0)
+    net = Tied()
+    bs.to_sparse_(net, include=lambda name, m: name == "enc")
+    assert type(net.dec) is not type(net.enc) and net.dec.weight is net.enc.weight
+    net(torch.randn(2, 20))
+    bs.to_sparse_(net)
+    assert_tied(net)
+
+
+def test_tied_layers_must_get_the_same_family():
+    torch.manual_seed(0)
+    net = Tied()
+    bs.to_sparse_(net, include=lambda name, m: name == "enc")
+    with pytest.raises(ValueError, match="'dec' shares its weight with 'enc'"):
+        bs.to_sparse_(net, "l0")
+    assert isinstance(net.dec, nn.Linear) and not isinstance(net.dec, bs.SparseModule)
+
+
+def test_share_weight_posterior_refuses_another_shape():
+    a = bs.nn.VariationalLinear(3, 4)
+    with pytest.raises(ValueError, match="same family and options"):
+        a.share_weight_posterior_(bs.nn.VariationalLinear(4, 3))
