@@ -143,6 +143,11 @@ def to_sparse_(
     ``weight_log_sigma2``); per-unit parameters (gates, group scales) stay per layer. A
     tie with a layer left dense holds: it reads the posterior mean.
 
+    Weights and biases pruned with :mod:`torch.nn.utils.prune` stay pruned for good: the
+    sparse layer gets their masks (:meth:`~bayessparse.nn.SparseModule.prune_`), so they
+    stay exactly zero in training and evaluation, :func:`~bayessparse.masks` reports them
+    pruned and :func:`~bayessparse.to_dense` keeps them pruned.
+
     Args:
         net: the network to convert.
         method: the sparse family; one of ``bayessparse.convert.METHODS``.

@@ -9,6 +9,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.nn import PyroModule
 from torch import nn
+from torch.nn.utils import prune
 
 import bayessparse as bs
 from bayessparse.models import LeNet5Caffe, LeNet300100
@@ -18,6 +19,7 @@ from bayessparse.nn import (
     VariationalConv3d,
     VariationalLinear,
 )
+from bayessparse.training import train
 
 
 class Custom(nn.Module):
@@ -198,3 +200,119 @@ def test_a_module_under_several_names_becomes_one_sparse_module(include):
     assert net.b is net.a and net.seq[0] is net.a and net.seq[2] is net.a
     assert [name for name, _ in bs.sparse_modules(net)] == ["a"]
     assert net(torch.randn(3, 4)).shape == (3, 4)
+
+
+def pruned_net() -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A conv net whose conv and first linear layer are pruned with torch's prune, weights
+    and biases, and whose weight_orig moved after the last forward (as an optimizer step
+    leaves it). Returns the net and the kept-entry masks by state_dict name."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 8),
+        nn.ReLU(),
+        nn.Linear(8, 3),
+    )
+    for layer in (net[0], net[3]):
+        prune.l1_unstructured(layer, "weight", 0.5)
+        prune.l1_unstructured(layer, "bias", 0.5)
+    with torch.no_grad():
+        net[3].weight_orig.add_(1.0)  # layer.weight is stale until the next forward
+    kept = {
+        f"{i}.{name}": getattr(net[i], f"{name}_mask").bool()
+        for i in (0, 3)
+        for name in ("weight", "bias")
+    }
+    return net, kept
+
+
+def poison_pruned_(net: nn.Module, kept: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for key, keep in kept.items():
+            net.get_parameter(key)[~keep] = 1e3
+
+
+@pytest.mark.parametrize("method", sorted(bs.convert.METHODS))
+def test_weights_pruned_by_torch_prune_stay_pruned(method):
+    net, kept = pruned_net()
+    x = torch.randn(5, 1, 6, 6)
+    expected = net(x)  # the hook recomputes weight_orig * weight_mask
+    bs.to_sparse_(net, method)
+    masks = bs.masks(net, threshold=0.0)
+    for i in (0, 3):
+        layer = net[i]
+        assert not hasattr(layer, "weight_orig") and not layer._forward_pre_hooks
+        assert (layer.weight[~kept[f"{i}.weight"]] == 0).all()
+        assert not (layer.mask(0.0) & ~kept[f"{i}.weight"]).any()
+        assert not (masks[f"{i}.weight"] & ~kept[f"{i}.weight"]).any()
+        assert not (layer.bias_mask(0.0) & ~kept[f"{i}.bias"]).any()
+    if method in ("sparse_vd", "group_nj", "horseshoe"):  # they start as the dense net
+        assert torch.allclose(bs.to_dense(net, 0.0)(x), expected, atol=1e-6)
+    # Exactly no effect in training and evaluation: poisoning the pruned entries changes
+    # nothing (same noise draws by seed).
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        outputs.append((net.train()(x), net.eval()(x)))
+        poison_pruned_(net, kept)
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+
+
+@pytest.mark.parametrize("method", sorted(bs.convert.METHODS))
+def test_weights_pruned_by_torch_prune_stay_zero_through_training_and_to_dense(method):
+    net, kept = pruned_net()
+    bs.to_sparse_(net, method)
+    x = torch.randn(60, 1, 6, 6)
+    y = torch.randint(0, 3, (60,))
+    train(net, x, y, epochs=2, batch_size=20, lr=1e-2, progress=False)
+    for key, keep in kept.items():
+        assert (net.get_parameter(key)[~keep] == 0).all(), key
+    for threshold in (None, 0.0):
+        dense = bs.to_dense(net, threshold, bake=True)
+        for key, keep in kept.items():
+            assert (dense.get_parameter(key)[~keep] == 0).all(), key
+        assert not (bs.masks(net, threshold)["3.weight"] & ~kept["3.weight"]).any()
+
+
+def test_prune_masks_are_state_and_survive_to_dense_and_back():
+    net, kept = pruned_net()
+    bs.to_sparse_(net)
+    assert {"3.weight_prune_mask", "3.bias_prune_mask"} <= set(net.state_dict())
+    fresh, _ = pruned_net()
+    bs.to_sparse_(fresh)
+    fresh.load_state_dict(net.state_dict())
+    assert torch.equal(fresh[3].mask(0.0), kept["3.weight"])
+    again = bs.to_sparse_(bs.to_dense(net, threshold=0.0))
+    assert torch.equal(again[3].mask(0.0), kept["3.weight"])
+    assert torch.equal(again[3].bias_mask(0.0), kept["3.bias"])
+
+
+def test_prune_checks_the_mask():
+    layer = VariationalLinear(3, 2)
+    with pytest.raises(ValueError, match="shape"):
+        layer.prune_(torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bias"):
+        VariationalLinear(3, 2, bias=False).prune_(bias_mask=torch.ones(2, dtype=torch.bool))
+    layer.prune_(torch.tensor([[True, False, True], [True, True, True]]))
+    layer.prune_(torch.tensor([[True, True, True], [False, True, True]]))  # masks accumulate
+    assert int(layer.mask(0.0).sum()) == 4
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [(method, {}) for method in sorted(bs.convert.METHODS)]
+    + [("l0", {"gate": "weight", "weight_decay": 0.1}), ("l0", {"weight_decay": 0.1})],
+)
+def test_pruned_weights_drop_out_of_the_kl(method, options):
+    torch.manual_seed(0)
+    dense = nn.Linear(6, 4)
+    prune.random_unstructured(dense, "weight", 0.5)
+    keep = dense.weight_mask.bool()
+    layer = bs.convert.METHODS[method][nn.Linear].from_dense(dense, **options)
+    kl = layer.kl()
+    with torch.no_grad():
+        for name in ("weight", *layer.per_weight_params):
+            getattr(layer, name)[~keep] = 5.0
+    assert torch.allclose(layer.kl(), kl, rtol=1e-6)

@@ -72,6 +72,20 @@ def torch_layer_kwargs(module: nn.Module) -> dict[str, Any]:
     raise TypeError(f"Expected nn.Linear or nn.ConvNd, got {type(module).__name__}.")
 
 
+def _torch_pruned(module: nn.Module, name: str) -> tuple[Any, Tensor | None]:
+    """A parameter's value, and its :mod:`torch.nn.utils.prune` mask if it is pruned.
+
+    A pruned parameter lives in ``{name}_orig`` and ``{name}_mask``; the ``name``
+    attribute is only refreshed by the next forward pass, so after an optimizer step it
+    is stale and the value is recomputed here.
+    """
+    orig = module._parameters.get(f"{name}_orig")
+    mask = module._buffers.get(f"{name}_mask")
+    if orig is None or mask is None:
+        return getattr(module, name), None
+    return orig.detach() * mask, mask
+
+
 class SparseModule(PyroModule):
     """Mixin contract of a Bayesian sparse layer (a :class:`~pyro.nn.PyroModule`).
 
@@ -93,6 +107,11 @@ class SparseModule(PyroModule):
     objects, and :func:`~bayessparse.to_sparse_` does it for layers whose dense weights
     were shared. Per-unit parameters (gates, group scales) stay per layer.
 
+    Weights and biases can be pruned for good (:meth:`prune_`; :meth:`from_dense` carries
+    the masks of :mod:`torch.nn.utils.prune`): every family computes through one
+    operation, which applies these masks, so they are exactly zero in training and
+    evaluation whatever the posterior says. Being constants, they drop out of :meth:`kl`.
+
     Invariant (tested for every class): ``m.eval()(x) == m.to_dense()(x)``.
     """
 
@@ -113,7 +132,10 @@ class SparseModule(PyroModule):
         raise NotImplementedError
 
     def kl(self) -> Tensor:
-        """Scalar, differentiable complexity cost of this layer's posterior."""
+        """Scalar, differentiable complexity cost of this layer's posterior.
+
+        Weights pruned by :meth:`prune_` are constants: they add nothing, or a constant.
+        """
         raise NotImplementedError
 
     def dense_weight(self) -> Tensor:
@@ -185,11 +207,67 @@ class SparseModule(PyroModule):
             self._parameters[name] = other._parameters[name]
 
     def bias_mask(self, threshold: float | None = None) -> Tensor | None:
-        """Boolean bias mask for families that prune whole output units, else ``None``."""
+        """Boolean bias mask where biases can be pruned, else ``None``.
+
+        Families that prune whole output units mask their biases; so does :meth:`prune_`.
+        """
+        if threshold is not None:
+            check_threshold(threshold)
+        kept, fixed = self._bias_kept(threshold), self._prune_mask("bias")
+        if kept is None or fixed is None:
+            return fixed if kept is None else kept
+        return kept & fixed
+
+    def _bias_kept(self, threshold: float | None) -> Tensor | None:
+        """The family's bias mask (families that prune whole output units), else ``None``."""
         return None
+
+    def prune_(self, weight_mask: Tensor | None = None, bias_mask: Tensor | None = None) -> None:
+        """Fix the weights and biases where a mask is false (zero) at exactly zero, for good.
+
+        The masks are kept as buffers (``weight_prune_mask``, ``bias_prune_mask``), so they
+        are saved in the state dict; :meth:`mask`, :meth:`bias_mask` and :meth:`to_dense`
+        include them. Calls accumulate: a weight once pruned stays pruned.
+
+        Args:
+            weight_mask: boolean or 0/1 tensor of the shape of ``weight``; false prunes.
+            bias_mask: the same for ``bias``.
+
+        Raises:
+            ValueError: for a mask of the wrong shape, or a bias mask without a bias.
+        """
+        for name, mask in (("weight", weight_mask), ("bias", bias_mask)):
+            if mask is None:
+                continue
+            param = getattr(self, name)
+            if param is None:
+                raise ValueError(
+                    f"Expected bias_mask=None for a {type(self).__name__} without a bias, "
+                    f"got a mask of shape {tuple(mask.shape)}. Drop the bias mask."
+                )
+            if mask.shape != param.shape:
+                raise ValueError(
+                    f"Expected a {name} mask of shape {tuple(param.shape)}, got "
+                    f"{tuple(mask.shape)}. Pass one entry per {name} entry."
+                )
+            keep = mask.detach().to(device=param.device, dtype=torch.bool)
+            old = self._prune_mask(name)
+            self.register_buffer(f"{name}_prune_mask", keep if old is None else keep & old)
+
+    def _prune_mask(self, name: str) -> Tensor | None:
+        """The :meth:`prune_` mask of ``"weight"`` or ``"bias"``, or ``None`` if unpruned."""
+        return self._buffers.get(f"{name}_prune_mask")
 
     # Shared by all families: the torch layer's operation and input check.
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        # Every family's training and evaluation paths (means and variances alike) compute
+        # through here, so masking here keeps what prune_ pruned exactly zero.
+        weight_mask = self._prune_mask("weight")
+        if weight_mask is not None:
+            weight = weight * weight_mask
+        bias_mask = self._prune_mask("bias")
+        if bias is not None and bias_mask is not None:
+            bias = bias * bias_mask
         if isinstance(self, nn.Linear):
             return F.linear(x, weight, bias)
         # nn.ConvNd._conv_forward handles padding_mode, stride, dilation and groups.
@@ -217,6 +295,9 @@ class SparseModule(PyroModule):
     def from_dense(cls, module: nn.Module, **kwargs: Any) -> SparseModule:
         """A new sparse layer whose deterministic weight and bias are copied from ``module``.
 
+        A weight or bias pruned with :mod:`torch.nn.utils.prune` (``weight_orig`` and
+        ``weight_mask``) stays pruned: its mask goes to :meth:`prune_`.
+
         Args:
             module: a trained torch layer of the type this class replaces.
             **kwargs: layer options (e.g. ``log_sigma2_init``).
@@ -230,16 +311,18 @@ class SparseModule(PyroModule):
                 f"{cls.__name__}.from_dense expects an {base.__name__}, got "
                 f"{type(module).__name__}."
             )
-        weight = module.weight
+        weight, weight_mask = _torch_pruned(module, "weight")
+        bias, bias_mask = _torch_pruned(module, "bias")
         layer_cls: Any = cls  # concrete subclasses take the torch layer's arguments
         layer = layer_cls(
             **torch_layer_kwargs(module), device=weight.device, dtype=weight.dtype, **kwargs
         )
         with torch.no_grad():
             layer.weight.copy_(weight)
-            if module.bias is not None:
+            if bias is not None:
                 assert layer.bias is not None
-                layer.bias.copy_(module.bias)
+                layer.bias.copy_(bias)
+        layer.prune_(weight_mask, bias_mask)
         return layer
 
     def mask(self, threshold: float | None = None) -> Tensor:
@@ -252,7 +335,9 @@ class SparseModule(PyroModule):
         Raises:
             ValueError: if ``threshold`` is NaN or outside [0, 1].
         """
-        return self._kept(threshold).expand_as(self.weight)
+        kept = self._kept(threshold).expand_as(self.weight)
+        fixed = self._prune_mask("weight")
+        return kept if fixed is None else kept & fixed
 
     def _kept(self, threshold: float | None = None) -> Tensor:
         """``keep_prob() > threshold`` in keep_prob's own (gate) shape, without gradient."""

@@ -130,8 +130,11 @@ class _GroupScaled(SparseModule):
     def kl(self) -> Tensor:
         """KL(q(w̃) ‖ N(0, 1)) summed over weights, plus the analytic scale KL."""
         theta, log_sigma2 = self.weight, self.weight_log_sigma2
-        weight_kl = 0.5 * (theta.square() + log_sigma2.exp() - log_sigma2 - 1.0).sum()
-        return weight_kl + self._scale_kl()
+        weight_kl = 0.5 * (theta.square() + log_sigma2.exp() - log_sigma2 - 1.0)
+        pruned = self._prune_mask("weight")
+        if pruned is not None:
+            weight_kl = weight_kl * pruned
+        return weight_kl.sum() + self._scale_kl()
 
     def dense_weight(self) -> Tensor:
         """θ ẑ: the weight mean times the deterministic group scale."""
@@ -143,7 +146,7 @@ class _GroupScaled(SparseModule):
             return bias
         return bias * self._scale_estimate()
 
-    def bias_mask(self, threshold: float | None = None) -> Tensor | None:
+    def _bias_kept(self, threshold: float | None) -> Tensor | None:
         if self.bias is None or self.group != "output":
             return None
         return self._kept(threshold).reshape(-1)

@@ -122,11 +122,13 @@ class _L0Gated(SparseModule):
 
     def kl(self) -> Tensor:
         """Expected-L0 surrogate (a penalty, not a KL): Σ_j P(z_j≠0) Σ_{i∈j} (λ + ½ wd θ_i²)."""
-        keep = self.keep_prob()
-        if self.weight_decay == 0.0:
+        keep, pruned = self.keep_prob(), self._prune_mask("weight")
+        if self.weight_decay == 0.0 and pruned is None:
             group_size = self.weight.numel() // keep.numel()
             return self.l0_lambda * group_size * keep.sum()
         cost = self.l0_lambda + 0.5 * self.weight_decay * self.weight.square()
+        if pruned is not None:
+            cost = cost * pruned  # a pruned weight is zero whatever its gate: it costs nothing
         return (keep * cost).sum()
 
     def dense_weight(self) -> Tensor:
@@ -139,7 +141,7 @@ class _L0Gated(SparseModule):
             return bias
         return bias * self._gates().deterministic_gate().reshape(-1)
 
-    def bias_mask(self, threshold: float | None = None) -> Tensor | None:
+    def _bias_kept(self, threshold: float | None) -> Tensor | None:
         if self.bias is None or self.gate != "output":
             return None
         return self._kept(threshold).reshape(-1)

@@ -95,6 +95,9 @@ class _SpikeSlab(_GroupScaled):
         theta, log_sigma2 = self.weight, self.weight_log_sigma2
         s2 = self.slab_scale**2
         slab_kl = 0.5 * ((theta.square() + log_sigma2.exp()) / s2 - 1 - log_sigma2 + math.log(s2))
+        pruned = self._prune_mask("weight")
+        if pruned is not None:
+            slab_kl = slab_kl * pruned
         other = [d for d in range(theta.dim()) if d != self._group_dim()]
         return gate_kl.sum() + (p * slab_kl.sum(other)).sum()
 

@@ -57,8 +57,14 @@ class _SparseVD(SparseModule):
         return torch.sigmoid(-self.log_alpha)
 
     def kl(self) -> Tensor:
-        """Sum over weights of the Molchanov approximation to KL(q ‖ log-uniform)."""
-        return sparse_vd_kl_sum(self.weight, self.weight_log_sigma2)
+        """Sum over weights of the Molchanov approximation to KL(q ‖ log-uniform).
+
+        A pruned weight counts as θ = 0, whose KL is the clamped minimum (2e-4 nats).
+        """
+        theta, pruned = self.weight, self._prune_mask("weight")
+        if pruned is not None:
+            theta = theta * pruned
+        return sparse_vd_kl_sum(theta, self.weight_log_sigma2)
 
     def dense_weight(self) -> Tensor:
         """The posterior mean θ."""
