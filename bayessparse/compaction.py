@@ -51,7 +51,10 @@ def compact(net: nn.Module, threshold: float | None = None) -> nn.Sequential:
     downstream reads it (the next layer's weights on it are all zero) or when it is always
     zero (its weights and bias are zero, and the following activation maps 0 to 0); the
     next layer loses the matching inputs. Across ``nn.Flatten`` a channel is the block of
-    features it flattens to. The last layer keeps all its outputs.
+    features it flattens to. The last layer keeps all its outputs. A layer of which no
+    unit matters (say the next one is fully pruned) keeps one unit with zero weights and
+    bias, so that every layer has a unit; the network then computes the constant the
+    masked one does, from the biases.
 
     Args:
         net: an ``nn.Sequential`` (possibly converted by :func:`~bayessparse.to_sparse_`) of
@@ -78,6 +81,7 @@ def compact(net: nn.Module, threshold: float | None = None) -> nn.Sequential:
         raise ValueError("compact() found no Linear or ConvNd layer to compact.")
 
     keep: dict[int, Tensor] = {}  # layer index -> bool mask of its kept output units
+    silenced: set[int] = set()  # layers of which no unit matters: one zero unit is kept
     for pos, i in enumerate(weighted):
         layer = modules[i]
         if pos == len(weighted) - 1:
@@ -89,12 +93,18 @@ def compact(net: nn.Module, threshold: float | None = None) -> nn.Sequential:
         if layer.bias is not None:
             alive |= layer.bias.detach().ne(0)
         keep[i] = used & alive
+        if not keep[i].any():
+            # Layers cannot have zero units, so one stays, with zero weights and bias: it
+            # outputs 0, which the channel-wise modules keep at 0 and the next layer does
+            # not read. Everything downstream is then a constant of the biases.
+            keep[i][0] = True
+            silenced.add(i)
 
     out: list[nn.Module] = []
     kept_in: Tensor | None = None  # kept input features of the next weighted layer
     for i, module in enumerate(modules):
         if isinstance(module, _WEIGHTED):
-            out.append(_slice_layer(module, kept_in, keep[i]))
+            out.append(_slice_layer(module, kept_in, keep[i], zero=i in silenced))
             kept_in = keep[i]
         elif isinstance(module, nn.Flatten):
             out.append(copy.deepcopy(module))
@@ -119,7 +129,9 @@ def _read_by_next(nxt: Any, between: list[nn.Module], channels: int) -> Tensor:
     return columns
 
 
-def _slice_layer(layer: Any, kept_in: Tensor | None, kept_out: Tensor) -> nn.Module:
+def _slice_layer(
+    layer: Any, kept_in: Tensor | None, kept_out: Tensor, zero: bool = False
+) -> nn.Module:
     weight = layer.weight.detach()[kept_out]
     if kept_in is not None:
         if getattr(layer, "groups", 1) != 1:
@@ -138,4 +150,8 @@ def _slice_layer(layer: Any, kept_in: Tensor | None, kept_out: Tensor) -> nn.Mod
         small.weight.copy_(weight)
         if layer.bias is not None:
             small.bias.copy_(layer.bias.detach()[kept_out])
+        if zero:
+            small.weight.zero_()
+            if small.bias is not None:
+                small.bias.zero_()
     return small

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -100,3 +102,45 @@ def test_unsupported_networks_are_refused_clearly():
         compact(nn.Linear(3, 2))
     with pytest.raises(TypeError, match="BatchNorm1d"):
         compact(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
+
+
+def pruned_sparse_vd(net: nn.Module, closed: set[str]) -> nn.Module:
+    """``net`` with sparse VD layers; the layers named in ``closed`` are fully pruned."""
+    torch.manual_seed(0)
+    bs.to_sparse_(net.double())
+    with torch.no_grad():
+        for name, layer in bs.sparse_modules(net):
+            layer.weight_log_sigma2.fill_(10.0 if name in closed else -20.0)
+            layer.bias.uniform_(-1, 1)  # the constants that flow through
+    return net.eval()
+
+
+@pytest.mark.parametrize(
+    ("make", "closed", "shape"),
+    [
+        (LeNet5Caffe, {"0", "3", "7", "9"}, (4, 1, 28, 28)),  # everything
+        (LeNet5Caffe, {"3"}, (4, 1, 28, 28)),  # conv2: constant channels across Flatten
+        (LeNet5Caffe, {"7"}, (4, 1, 28, 28)),  # fc1
+        (LeNet5Caffe, {"0"}, (4, 1, 28, 28)),  # the first layer
+        (LeNet5Caffe, {"9"}, (4, 1, 28, 28)),  # the last layer
+        (LeNet300100, {"1", "3", "5"}, (4, 784)),
+        (LeNet300100, {"3"}, (4, 784)),
+    ],
+)
+def test_fully_pruned_layers_compact_to_the_same_function(make, closed, shape):
+    net = pruned_sparse_vd(make(), closed)
+    small = compact(net)
+    x = torch.randn(shape, dtype=torch.float64)
+    assert torch.allclose(small(x), net(x), rtol=1e-12, atol=1e-12)
+    # Nothing reads the layer before a fully pruned one: it keeps one zero unit.
+    weighted = [i for i, m in enumerate(small) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for before, after in itertools.pairwise(weighted):
+        if str(after) in closed:
+            assert small[before].weight.shape[0] == 1 and not small[before].weight.any()
+            assert not small[before].bias.any()
+
+
+def test_everything_pruned_gives_the_constant_of_the_biases():
+    net = pruned_sparse_vd(LeNet300100(), {"1", "3", "5"})
+    out = compact(net)(torch.randn(3, 784, dtype=torch.float64))
+    assert torch.equal(out, net[5].bias.detach().expand(3, -1))
