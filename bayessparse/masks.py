@@ -6,6 +6,7 @@ import copy
 import math
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
@@ -44,6 +45,11 @@ def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False)
     (``weight_orig`` and ``weight_mask`` buffers), so ``prune.remove`` and tools that read
     pruned models work on it; with ``bake=True`` they are baked into plain zeros.
 
+    A sparse layer under several names becomes one plain layer in all its places. Tied
+    layers (one sparse ``weight``) keep sharing their plain weight tensors where the
+    masked weights agree, as with sparse VD's per-weight posterior; where each layer
+    scales the shared weight by its own gates or group scales, they get their own.
+
     Args:
         net: a network with sparse layers (it is not modified).
         threshold: keep-probability cut in [0, 1]; ``None`` uses each layer's default rule.
@@ -56,16 +62,57 @@ def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False)
         check_threshold(threshold)
     if isinstance(net, SparseModule):  # a bare layer: no copy of the Pyro layer needed
         return _plain_layer(net, threshold, bake)
-    dense = copy.deepcopy(net)
-    for name, layer in list(sparse_modules(dense)):
-        parent_name, _, child_name = name.rpartition(".")
-        # Assign into _modules directly so that the layer keeps its place in a Sequential.
-        dense.get_submodule(parent_name)._modules[child_name] = _plain_layer(
-            layer, threshold, bake
-        )
+    dense = copy.deepcopy(net)  # the copy keeps shared modules and tied weights shared
+    plain_of: dict[int, nn.Module] = {}  # sparse layer -> its plain layer, made once
+    first: dict[int, tuple[SparseModule, nn.Module]] = {}  # weight -> first layer using it
+    for parent in list(dense.modules()):
+        for key, layer in list(parent._modules.items()):
+            if not isinstance(layer, SparseModule):
+                continue
+            if id(layer) not in plain_of:
+                plain = _plain_layer(layer, threshold, bake)
+                owner, owner_plain = first.setdefault(id(layer.weight), (layer, plain))
+                if owner is not layer:
+                    _tie_equal_(plain, owner_plain, layer, owner)
+                plain_of[id(layer)] = plain
+            # Assign into _modules directly so that the layer keeps its place in a
+            # Sequential, and in every place of a module registered under several names.
+            parent._modules[key] = plain_of[id(layer)]
     for module in dense.modules():
         _strip_pyro(module)
     return dense
+
+
+def _tie_equal_(
+    plain: nn.Module, owner_plain: nn.Module, layer: SparseModule, owner: SparseModule
+) -> None:
+    """Make ``plain`` hold ``owner_plain``'s weight (and bias) tensors where the sparse
+    layers share them and the masked plain values agree.
+
+    With a per-weight posterior (sparse VD, L0 weight gates) tied layers have one masked
+    weight; with per-unit scales or gates (the group families) each layer scales the
+    shared weight its own way, so the plain weights differ and stay separate.
+    """
+    for name in ("weight", "bias"):
+        if getattr(layer, name) is None or getattr(layer, name) is not getattr(owner, name):
+            continue
+        pruned = name not in plain._parameters  # and not baked: ``name_orig``, ``name_mask``
+        places: list[tuple[dict[str, Any], dict[str, Any], str]] = (
+            [
+                (plain._parameters, owner_plain._parameters, f"{name}_orig"),
+                (plain._buffers, owner_plain._buffers, f"{name}_mask"),
+            ]
+            if pruned
+            else [(plain._parameters, owner_plain._parameters, name)]
+        )
+        if all(
+            theirs.get(key) is not None and torch.equal(mine[key], theirs[key])
+            for mine, theirs, key in places
+        ):
+            for mine, theirs, key in places:
+                mine[key] = theirs[key]
+            if pruned:  # the masked value, which the prune hook refreshes
+                setattr(plain, name, getattr(owner_plain, name))
 
 
 def _plain_layer(layer: SparseModule, threshold: float | None, bake: bool) -> nn.Module:

@@ -1,4 +1,4 @@
-"""Tied weights: layers that share a weight keep sharing it, and its posterior, when sparse."""
+"""Shared modules and tied weights: they stay shared through to_sparse_, training and to_dense."""
 
 from __future__ import annotations
 
@@ -152,3 +152,54 @@ def test_share_weight_posterior_refuses_another_shape():
     a = bs.nn.VariationalLinear(3, 4)
     with pytest.raises(ValueError, match="same family and options"):
         a.share_weight_posterior_(bs.nn.VariationalLinear(4, 3))
+
+
+class SharedModule(nn.Module):
+    """One Linear under two names and twice in one Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = self.a
+        self.seq = nn.Sequential(self.a, nn.ReLU(), self.a)
+
+    def forward(self, x):
+        return self.seq(self.b(x))
+
+
+@pytest.mark.parametrize("bake", [False, True])
+def test_to_dense_replaces_a_shared_module_in_all_its_places_by_one_plain_layer(bake):
+    torch.manual_seed(0)
+    net = bs.to_sparse_(SharedModule())
+    with torch.no_grad():
+        net.a.weight_log_sigma2.uniform_(-12, 0)
+    dense = bs.to_dense(net.eval(), bake=bake)
+    assert not any(isinstance(m, (bs.SparseModule, pyro.nn.PyroModule)) for m in dense.modules())
+    assert dense.b is dense.a and dense.seq[0] is dense.a and dense.seq[2] is dense.a
+    x = torch.randn(3, 6)
+    assert torch.equal(dense(x), net(x))
+
+
+@pytest.mark.parametrize("bake", [False, True])
+def test_to_dense_keeps_a_tie_whose_masked_weights_agree(bake):
+    net = tied_net()
+    with torch.no_grad():
+        net.enc.weight_log_sigma2.uniform_(-12, 0)
+    net.dec.bias = net.enc.bias
+    dense = bs.to_dense(net.eval(), bake=bake)
+    names = ("weight", "bias") if bake else ("weight_orig", "weight_mask", "bias")
+    for name in names:
+        assert getattr(dense.dec, name) is getattr(dense.enc, name), name
+    x = torch.randn(3, 20)
+    assert torch.equal(dense(x), net(x))
+    assert (dense.enc.weight == 0).any()
+
+
+def test_to_dense_unties_where_the_layers_scale_a_shared_weight_differently():
+    net = tied_net("group_nj")
+    with torch.no_grad():
+        net.dec.scale_loc.uniform_(0.5, 1.5)  # per-unit scales: the dense weights differ
+    dense = bs.to_dense(net.eval())
+    assert dense.dec.weight_orig is not dense.enc.weight_orig
+    x = torch.randn(3, 20)
+    assert torch.equal(dense(x), net(x))
