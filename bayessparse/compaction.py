@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from bayessparse.masks import to_dense
-from bayessparse.nn.base import SparseModule, torch_layer_kwargs
+from bayessparse.nn.base import torch_layer_kwargs
 
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Modules that act on each channel separately and map an all-zero channel to zeros.
@@ -71,7 +71,9 @@ def compact(net: nn.Module, threshold: float | None = None) -> nn.Sequential:
     """
     if not isinstance(net, nn.Sequential):
         raise _unsupported(net)
-    dense = to_dense(net, threshold, bake=True) if _has_sparse(net) else copy.deepcopy(net)
+    # Also bakes layers pruned with torch.nn.utils.prune, whose weight attribute is stale
+    # after an optimizer step.
+    dense = to_dense(net, threshold, bake=True)
     modules: list[Any] = list(dense.children())  # Any: torch types layer attributes loosely
     for module in modules:
         if not isinstance(module, (*_WEIGHTED, nn.Flatten, *_CHANNELWISE)):
@@ -115,10 +117,6 @@ def compact(net: nn.Module, threshold: float | None = None) -> nn.Sequential:
         else:
             out.append(copy.deepcopy(module))
     return nn.Sequential(*out).train(net.training)
-
-
-def _has_sparse(net: nn.Module) -> bool:
-    return any(isinstance(m, SparseModule) for m in net.modules())
 
 
 def _read_by_next(nxt: Any, between: list[nn.Module], channels: int) -> Tensor:

@@ -53,7 +53,8 @@ def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False)
     Args:
         net: a network with sparse layers (it is not modified).
         threshold: keep-probability cut in [0, 1]; ``None`` uses each layer's default rule.
-        bake: write the masks into the weights and drop the prune buffers.
+        bake: write the masks into the weights and drop the prune buffers (those of
+            layers pruned with :mod:`torch.nn.utils.prune` and left dense as well).
 
     Returns:
         The deterministic network, in the same train/eval mode as ``net``.
@@ -62,7 +63,7 @@ def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False)
         check_threshold(threshold)
     if isinstance(net, SparseModule):  # a bare layer: no copy of the Pyro layer needed
         return _plain_layer(net, threshold, bake)
-    dense = copy.deepcopy(net)  # the copy keeps shared modules and tied weights shared
+    dense = _deepcopy(net)  # the copy keeps shared modules and tied weights shared
     plain_of: dict[int, nn.Module] = {}  # sparse layer -> its plain layer, made once
     first: dict[int, tuple[SparseModule, nn.Module]] = {}  # weight -> first layer using it
     for parent in list(dense.modules()):
@@ -80,6 +81,39 @@ def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False)
             parent._modules[key] = plain_of[id(layer)]
     for module in dense.modules():
         _strip_pyro(module)
+        if bake:  # layers pruned with torch.nn.utils.prune and left dense, too
+            _bake_(module)
+    return dense
+
+
+def _torch_pruned_names(module: nn.Module) -> list[str]:
+    """The parameters of ``module`` pruned with :mod:`torch.nn.utils.prune` (not baked)."""
+    return [
+        n
+        for n in ("weight", "bias")
+        if hasattr(module, f"{n}_orig") and hasattr(module, f"{n}_mask")
+    ]
+
+
+def _deepcopy(net: nn.Module) -> nn.Module:
+    """``copy.deepcopy(net)``, also when layers of it are pruned with torch's prune.
+
+    The prune hook stores ``orig * mask`` as an attribute that is not a graph leaf, and
+    deepcopy refuses those. They are copied detached and recomputed in the copy, as the
+    hook would at the next forward (the originals may be stale after an optimizer step).
+    """
+    memo: dict[int, Any] = {}
+    for module in net.modules():
+        for name in _torch_pruned_names(module):
+            value = module.__dict__.get(name)
+            if isinstance(value, Tensor):
+                memo[id(value)] = value.detach().clone()
+    dense = copy.deepcopy(net, memo)
+    for module in dense.modules():
+        for name in _torch_pruned_names(module):
+            setattr(
+                module, name, getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask")
+            )
     return dense
 
 
@@ -118,10 +152,18 @@ def _tie_equal_(
 def _plain_layer(layer: SparseModule, threshold: float | None, bake: bool) -> nn.Module:
     plain = layer.to_dense(threshold)
     if bake:
-        for name in ("weight", "bias"):
-            if hasattr(plain, f"{name}_mask"):  # the bias is pruned by unit-gating families
-                prune.remove(plain, name)
+        _bake_(plain)
     return plain
+
+
+def _bake_(module: nn.Module) -> None:
+    """Write the :mod:`torch.nn.utils.prune` masks of ``module`` into its parameters.
+
+    ``prune.remove`` recomputes ``orig * mask``; the ``weight`` attribute itself is stale
+    after an optimizer step until the next forward pass.
+    """
+    for name in _torch_pruned_names(module):
+        prune.remove(module, name)
 
 
 def sparsity_report(net: nn.Module, threshold: float | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import bayessparse as bs
 from bayessparse import compact
@@ -144,3 +145,23 @@ def test_everything_pruned_gives_the_constant_of_the_biases():
     net = pruned_sparse_vd(LeNet300100(), {"1", "3", "5"})
     out = compact(net)(torch.randn(3, 784, dtype=torch.float64))
     assert torch.equal(out, net[5].bias.detach().expand(3, -1))
+
+
+@pytest.mark.parametrize("convert", [False, True])
+def test_layers_pruned_with_torch_prune_compact_from_their_current_weights(convert):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    prune.l1_unstructured(net[2], "weight", 0.5)
+    if convert:  # the pruned layer is left dense
+        bs.to_sparse_(net, include=lambda name, m: name == "0")
+    with torch.no_grad():
+        net[2].weight_orig.add_(1.0)  # an optimizer step: net[2].weight is stale until a forward
+    small = compact(net.eval())
+    baked = bs.to_dense(net, bake=True)
+    assert not prune.is_pruned(baked)
+    dense = bs.to_dense(net)
+    assert torch.equal(dense[2].weight, dense[2].weight_orig * dense[2].weight_mask)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    expected = net(x)
+    assert torch.allclose(small(x), expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(baked(x), expected, rtol=1e-12, atol=1e-12)
