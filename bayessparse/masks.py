@@ -172,27 +172,32 @@ def sparsity_report(net: nn.Module, threshold: float | None = None) -> dict[str,
     Compression is ``|W| / |W != 0|`` over the weight tensors of the sparse layers (biases
     excluded), as in Molchanov et al. (2017). ``inputs_kept`` / ``outputs_kept`` count the
     input and output units (channels for convolutions) that keep at least one weight; the
-    structured methods' papers report architectures in these terms.
+    structured methods' papers report architectures in these terms. A weight tensor shared
+    by several layers (tied weights) counts once in the totals, where it is kept if any
+    of its layers keeps it.
 
     Returns:
         ``{"layers": {name: {"weights", "kept", "sparsity", "inputs_kept",
         "outputs_kept"}}, "weights", "kept", "sparsity", "compression"}``.
     """
+    if threshold is not None:
+        check_threshold(threshold)
     layers = {}
-    total = kept = 0
-    for key, mask in masks(net, threshold).items():
+    stored: dict[int, Tensor] = {}  # weight tensor -> union of its layers' masks
+    for name, module in sparse_modules(net):
+        mask = module.mask(threshold)
         n, k = mask.numel(), int(mask.sum())
-        per_output = mask.flatten(1).any(1)
-        per_input = mask.transpose(0, 1).flatten(1).any(1)
-        layers[key.removesuffix(".weight")] = {
+        layers[name or "weight"] = {  # a bare layer, as masks() keys it
             "weights": n,
             "kept": k,
             "sparsity": 1.0 - k / n,
-            "inputs_kept": int(per_input.sum()),
-            "outputs_kept": int(per_output.sum()),
+            "inputs_kept": int(mask.transpose(0, 1).flatten(1).any(1).sum()),
+            "outputs_kept": int(mask.flatten(1).any(1).sum()),
         }
-        total += n
-        kept += k
+        key = id(module.weight)
+        stored[key] = mask | stored[key] if key in stored else mask
+    total = sum(mask.numel() for mask in stored.values())
+    kept = sum(int(mask.sum()) for mask in stored.values())
     if total == 0:
         raise ValueError(
             f"{type(net).__name__} has no sparse layers to report on. Convert it first with "

@@ -203,3 +203,19 @@ def test_to_dense_unties_where_the_layers_scale_a_shared_weight_differently():
     assert dense.dec.weight_orig is not dense.enc.weight_orig
     x = torch.randn(3, 20)
     assert torch.equal(dense(x), net(x))
+
+
+@pytest.mark.parametrize("method", ["sparse_vd", "group_nj"])
+def test_sparsity_report_counts_a_tied_weight_once(method):
+    net = tied_net(method)
+    with torch.no_grad():
+        if method == "sparse_vd":
+            net.enc.weight_log_sigma2.uniform_(-12, 0)
+        else:  # each layer prunes other input units of the shared weight
+            net.enc.scale_log_sigma2[:10] = 10.0
+            net.dec.scale_log_sigma2[5:15] = 10.0
+    report = bs.sparsity_report(net)
+    assert set(report["layers"]) == {"enc", "dec", "out"}
+    assert report["weights"] == 20 * 20 + 3 * 20
+    kept = net.enc.mask() | net.dec.mask()  # a stored weight is kept if any layer uses it
+    assert report["kept"] == int(kept.sum()) + int(net.out.mask().sum())
