@@ -219,3 +219,29 @@ def test_sparsity_report_counts_a_tied_weight_once(method):
     assert report["weights"] == 20 * 20 + 3 * 20
     kept = net.enc.mask() | net.dec.mask()  # a stored weight is kept if any layer uses it
     assert report["kept"] == int(kept.sum()) + int(net.out.mask().sum())
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_shared_layer_trains_under_svi(method):
+    torch.manual_seed(0)
+    net = bs.to_sparse_(SharedModule(), method)
+    x, y = torch.randn(8, 6), torch.randint(0, 6, (8,))
+
+    def model(x, y):
+        logits = net(x)
+        pyro.factor("kl", -bs.kl(net))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Categorical(logits=logits), obs=y)
+
+    svi = SVI(
+        model, bs.SparseGuide(net), bs.JointOptim(torch.optim.Adam, {"lr": 1e-2}), Trace_ELBO()
+    )
+    before = net.a.weight.detach().clone()
+    for _ in range(2):
+        assert torch.isfinite(torch.tensor(svi.step(x, y)))
+    assert not torch.equal(net.a.weight, before)
+    if method == "horseshoe":  # one draw of the layer's scales per step, shared by its calls
+        trace = pyro.poutine.trace(model).get_trace(x, y)
+        sites = [n for n, site in trace.nodes.items() if site["type"] == "sample"]
+        assert sites[:2] == ["a.global_scale", "a.local_scale"]
+        assert not any(n.startswith(("b.", "seq.")) for n in sites)

@@ -345,11 +345,18 @@ class _GroupHorseshoe(_GroupScaled):
         return self._combine(self.global_loc.exp(), self.local_loc.exp(), self._slab_value())
 
     def _scale_sample(self, batch_shape: tuple[int, ...]) -> Tensor:
-        # The model's sites; under SVI the guide's draws are replayed into them.
-        draws = {
-            site: pyro.sample(self._pyro_get_fullname(site), prior)
-            for site, prior in self._priors().items()
-        }
+        # The model's sites; under SVI the guide's draws are replayed into them. A layer
+        # that runs more than once in a forward pass (a shared module) reuses the pass's
+        # draw, cached in the network's Pyro context as PyroSample does: the scales are
+        # one latent variable, and Pyro allows one site per name.
+        draws = {}
+        for site, prior in self._priors().items():
+            name = self._pyro_get_fullname(site)
+            value = self._pyro_context.get(name)
+            if value is None:
+                value = pyro.sample(name, prior)
+                self._pyro_context.set(name, value)
+            draws[site] = value
         slab = draws.get("slab", self.slab_scale)
         return self._combine(draws["global_scale"], draws["local_scale"], slab)
 
