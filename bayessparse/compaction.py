@@ -97,8 +97,8 @@ def compact(net: nn.Module, threshold: float | None = None) -> nn.Sequential:
         keep[i] = used & alive
         if not keep[i].any():
             # Layers cannot have zero units, so one stays, with zero weights and bias: it
-            # outputs 0, which the channel-wise modules keep at 0 and the next layer does
-            # not read. Everything downstream is then a constant of the biases.
+            # outputs 0, which the channel-wise modules keep at 0, so it adds nothing to
+            # the next layer. Everything downstream is then a constant of the biases.
             keep[i][0] = True
             silenced.add(i)
 

@@ -185,7 +185,9 @@ class SparseModule(PyroModule):
         """Use ``other``'s weight posterior: its ``weight`` and :attr:`per_weight_params`.
 
         The parameters become the same objects in both layers (tied weights), so that a
-        step trains them once for both; this layer's own ones are dropped.
+        step trains them once for both; this layer's own ones are dropped. Each layer's
+        :meth:`kl` still includes the shared weight's terms, so a sum over layers (such
+        as :func:`bayessparse.kl`) counts them once per layer.
 
         Raises:
             ValueError: if ``other`` is of another class, declares other per-weight
