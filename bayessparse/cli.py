@@ -26,7 +26,15 @@ from bayessparse.data import DataError, Split, load_mnist, preprocess
 from bayessparse.masks import sparsity_report
 from bayessparse.metrics import classification_report, predict_logits
 from bayessparse.models import MODELS
-from bayessparse.recipes import INITS, RECIPES, build_net, kept_architecture, recipe
+from bayessparse.recipes import (
+    INITS,
+    RECIPES,
+    build_net,
+    check_layer_options,
+    kept_architecture,
+    recipe,
+    weighted_layers,
+)
 from bayessparse.training import (
     CheckpointError,
     RunFolder,
@@ -167,13 +175,16 @@ def _note(text: str) -> None:
     tqdm.write(f"note: {text}", file=sys.stderr)
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's settings: the recipe, overridden by the flags, checked as a whole."""
+def _settings(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
+    """The run's settings: the recipe, overridden by the flags, checked as a whole.
+
+    What the user should know but need not fix is appended to ``notes``.
+    """
     rec = recipe(args.model, args.method)
     epochs = args.epochs if args.epochs is not None else rec.epochs
     kl_warmup, lr_decay_start = rec.scaled(epochs)
     if epochs != rec.epochs and (args.kl_warmup is None or args.lr_decay_start is None):
-        _note(
+        notes.append(
             f"the {args.model}/{args.method} recipe's schedule is scaled from {rec.epochs} to "
             f"{epochs} epochs (flags --kl-warmup and --lr-decay-start set it by hand)"
         )
@@ -183,11 +194,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         lr_decay_start = args.lr_decay_start
     Schedule(kl_warmup, lr_decay_start)  # raises on a reversed warm-up
     if kl_warmup[1] > epochs:
-        _note(f"the KL warm-up ends at epoch {kl_warmup[1]:g}, after the last ({epochs})")
+        notes.append(f"the KL warm-up ends at epoch {kl_warmup[1]:g}, after the last ({epochs})")
     layer = dict(rec.layer)
     if "train_clip" in layer:
         layer["train_clip"] = args.train_clip
     layer.update(args.layer)
+    check_layer_options(args.method, layer, len(weighted_layers(MODELS[args.model]())))
     return {
         "model": args.model,
         "method": args.method,
@@ -202,11 +214,16 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _check_out(args: argparse.Namespace) -> None:
+    if args.out is None and args.resume:
+        raise UsageError("--resume needs --out DIR, the run folder to continue")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a directory for the run")
+
+
 def _run_folder(args: argparse.Namespace) -> Path:
     """Create and return ``--out``, or a new ``runs/MODEL-METHOD-sSEED[-N]`` (never old)."""
     if args.out is None:
-        if args.resume:
-            raise UsageError("--resume needs --out DIR, the run folder to continue")
         base = Path("runs") / f"{args.model}-{args.method}-s{args.seed}"
         for n in range(1, 10**6):
             folder = base.with_name(f"{base.name}-{n}") if n > 1 else base
@@ -216,8 +233,6 @@ def _run_folder(args: argparse.Namespace) -> Path:
             except FileExistsError:
                 continue
     folder = Path(args.out)
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out {folder} is a file; give a directory for the run")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -285,8 +300,11 @@ class Job:
     """A checked ``train`` command: its settings, run folder, data and network."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        self.created = time.perf_counter()
         self.args = args
-        self.settings = _settings(args)
+        self.notes: list[str] = []  # printed once the run starts, after every check
+        self.settings = _settings(args, self.notes)
+        _check_out(args)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         data = _load_data(args.data_dir)
@@ -299,13 +317,18 @@ class Job:
         check_data(self.net, *self.test, what="test")
         self.folder = _run_folder(args)
 
+    def _announce(self, history: Any) -> None:
+        for note in self.notes:
+            _note(note)
+        done = f", resuming after epoch {history.completed}" if history.completed else ""
+        tqdm.write(f"run folder {self.folder}{done}", file=sys.stderr)
+
     def run(self) -> dict[str, Any]:
         """Train (or resume), evaluate, and write the model and report; return the report."""
-        start = time.perf_counter()
         settings, folder = self.settings, self.folder
         with RunFolder(folder):
             _claim(folder, self.args)
-            tqdm.write(f"run folder {folder}", file=sys.stderr)
+            train_start = time.perf_counter()
             history = train(
                 self.net,
                 *self.train_split,
@@ -319,11 +342,15 @@ class Job:
                 meta={key: settings[key] for key in ("model", "method", "init", "layer")},
                 eval_data=(self.test.images, self.test.labels),
                 on_epoch_end=_print_epoch,
+                on_start=self._announce,
                 progress=self.args.progress,
             )
+            in_train = time.perf_counter() - train_start
             report = _report(self.net, self.test, self.args.threshold, settings, history)
-            # Earlier sessions count up to their last checkpoint; this one to the report.
-            report["wall_seconds"] = history.wall_seconds + time.perf_counter() - start
+            # train() counts its time over all sessions (earlier ones up to their last
+            # checkpoint); add this session's time outside it.
+            outside = time.perf_counter() - self.created - in_train
+            report["wall_seconds"] = history.wall_seconds + outside
             atomic_write(folder / MODEL, torch_bytes(self.net.state_dict()))
             atomic_write(folder / REPORT, to_strict_json(report).encode())
         return report

@@ -20,7 +20,15 @@ import bayessparse as bs
 from bayessparse.cli import main
 from bayessparse.infer import linear_decay, linear_warmup
 from bayessparse.recipes import build_net
-from bayessparse.training import Schedule, SparseClassifier, load_checkpoint, train
+from bayessparse.training import (
+    CheckpointError,
+    Schedule,
+    SparseClassifier,
+    StorageError,
+    TrainingDiverged,
+    load_checkpoint,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -304,3 +312,107 @@ def test_cli_layer_options_are_read_as_json_and_bad_ones_refused(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["train", "--layer", "no-equals-sign"])
     assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_divergence_stops_at_once_and_keeps_the_last_finite_checkpoint(tmp_path):
+    x, y = toy_problem()
+    net = toy_net()
+    ckpt = tmp_path / "checkpoint.pt"
+
+    def poison(record):
+        if record["epoch"] == 2:  # as a step that overflows would leave it
+            with torch.no_grad():
+                net[2].weight_log_sigma2[0, 0] = math.nan
+
+    with pytest.raises(TrainingDiverged, match="became NaN or inf at epoch 3, batch 1"):
+        run(net, x, y, epochs=4, checkpoint=ckpt, on_epoch_end=poison)
+    saved = load_checkpoint(ckpt)
+    assert len(saved["history"]) == 2
+    assert all(bool(torch.isfinite(t).all()) for t in saved["net"].values())
+
+
+def test_float16_overflow_is_named_as_such():
+    x, y = toy_problem()
+    torch.manual_seed(0)
+    layers = [nn.Linear(20, 3000), nn.ReLU(), nn.Linear(3000, 30), nn.Linear(30, 3)]
+    net = bs.to_sparse_(nn.Sequential(*layers)).half()
+    # The KL of 60,000 sparse-VD weights at their initial log sigma^2 = -10 is far beyond
+    # float16's 65504.
+    with pytest.raises(TrainingDiverged, match="float16.*Train in float32"):
+        run(net, x.half(), y, epochs=1)
+
+
+def test_numpy_data_is_accepted_and_bad_labels_are_named():
+    x, y = toy_problem()
+    history = run(toy_net(), x.numpy(), y.numpy(), epochs=1)
+    assert history.completed == 1
+    bad = y.clone()
+    bad[[4, 9]] = 3
+    with pytest.raises(ValueError, match=r"indices 0..2 .* 2 labels are outside, e.g. \[3\]"):
+        run(toy_net(), x, bad)
+    with pytest.raises(TypeError, match="labels.long()"):
+        run(toy_net(), x, y.float())
+    with pytest.raises(ValueError, match="cannot take the training images of shape"):
+        run(toy_net(), x[:, :10], y)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": math.inf}, "finite, positive learning rate"),
+        ({"lr": math.nan}, "finite, positive learning rate"),
+        ({"seed": 2**64}, r"seed to be an integer in \[0, 2\*\*32\)"),
+        ({"seed": -1}, r"seed to be an integer in \[0, 2\*\*32\)"),
+    ],
+)
+def test_bad_numbers_are_refused_before_training(kwargs, match):
+    x, y = toy_problem()
+    with pytest.raises(ValueError, match=match):
+        run(toy_net(), x, y, **kwargs)
+
+
+def test_schedule_refuses_nan_negative_and_reversed_values():
+    with pytest.raises(ValueError, match="KL warm-up start"):
+        Schedule((math.nan, math.nan))
+    with pytest.raises(ValueError, match="Swap them"):
+        Schedule((5.0, 2.0))
+    with pytest.raises(ValueError, match="lr_decay_start"):
+        Schedule(lr_decay_start=math.nan)
+    with pytest.raises(ValueError, match="KL warm-up end"):
+        Schedule((0.0, -1.0))
+
+
+def test_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    from bayessparse.training import storage
+
+    x, y = toy_problem()
+    ckpt = tmp_path / "checkpoint.pt"
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # the second checkpoint (each write syncs file, then folder)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync)
+    with pytest.raises(StorageError, match="checkpoint.pt': the disk is full"):
+        run(toy_net(), x, y, epochs=3, checkpoint=ckpt)
+    assert len(load_checkpoint(ckpt)["history"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "checkpoint.pt"]
+
+
+def test_checkpoints_hold_plain_data_only(tmp_path):
+    from bayessparse.training import save_checkpoint
+
+    path = tmp_path / "c.pt"
+    save_checkpoint({"x": torch.ones(2), "note": "ok", "n": [1, 2.5, None]}, path)
+    assert torch.equal(load_checkpoint(path)["x"], torch.ones(2))
+    save_checkpoint({"object": SparseClassifier}, path)  # a class: not plain data
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_checkpoint(path)
+    path.write_bytes(b"PK\x03\x04 a zip file, but not ours")
+    with pytest.raises(CheckpointError, match="not a bayessparse checkpoint"):
+        load_checkpoint(path)

@@ -211,9 +211,12 @@ def _first_nonfinite(net: nn.Module) -> str | None:
 
 
 def _mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    def show(value: Any) -> str:  # fingerprints are long; their first digits tell them apart
+        return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else repr(value)
+
     keys = sorted(set(saved) | set(current))
     return [
-        f"{k} is {saved.get(k)!r} there and {current.get(k)!r} here"
+        f"{k} is {show(saved.get(k))} there and {show(current.get(k))} here"
         for k in keys
         if saved.get(k) != current.get(k)
     ]
@@ -243,6 +246,7 @@ class _Trainer:
         self.history = History()
         self.start = time.perf_counter()
         self.earlier_wall = 0.0  # seconds of the sessions before this one
+        self.checkpoint: Path | None = None
 
     def restore(self, path: Path) -> None:
         state = load_checkpoint(path)
@@ -301,7 +305,9 @@ class _Trainer:
             self.model.kl_weight = self.schedule.kl_weight(now)
             self.optim.lr_factor = self.schedule.lr_factor(now, self.epochs)
             # Pyro's checks run on the first step; after that the data and model are known.
-            with pyro.validation_enabled(epoch == 0 and i == 0):
+            # Its NaN warning is silenced: _check_step stops the run with a clearer error.
+            with pyro.validation_enabled(epoch == 0 and i == 0), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
                 loss = svi.step(self.images[idx], self.labels[idx])
             project_(self.net)
             self._check_step(loss, epoch, i, idx)
@@ -344,10 +350,13 @@ class _Trainer:
                 f"{self.model.last_data:.4g}, KL {self.model.last_kl:.4g})"
             )
             fix = "Lower the learning rate or check the model"
-        raise TrainingDiverged(
-            f"Training stopped: {reason}. {fix}; the last checkpoint (epoch "
-            f"{self.history.completed}) is intact."
-        )
+        if self.checkpoint is None:
+            kept = ""
+        elif self.history.completed:
+            kept = f"; the checkpoint of epoch {self.history.completed} is intact"
+        else:
+            kept = "; no epoch was completed, so there is no checkpoint"
+        raise TrainingDiverged(f"Training stopped: {reason}. {fix}{kept}.")
 
 
 def train(
@@ -365,6 +374,7 @@ def train(
     meta: dict[str, Any] | None = None,
     eval_data: tuple[Tensor, Tensor] | None = None,
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    on_start: Callable[[History], None] | None = None,
     progress: bool | None = None,
 ) -> History:
     """Train a sparse classifier by SVI (``Trace_ELBO``, Adam), one epoch at a time.
@@ -396,6 +406,8 @@ def train(
             ``lr``, ``schedule``, ``seed`` and a fingerprint of the training data.
         eval_data: ``(images, labels)`` evaluated after every epoch.
         on_epoch_end: called with each epoch's record.
+        on_start: called with the history (empty, or restored from the checkpoint) once
+            every check has passed, before the first epoch.
         progress: show tqdm bars (``None``: only on a terminal).
 
     Returns:
@@ -428,7 +440,7 @@ def train(
         "kl_warmup": list(schedule.kl_warmup),
         "lr_decay_start": schedule.lr_decay_start,
         "seed": seed,
-        "data": fingerprint(images, labels),
+        "training_data": fingerprint(images, labels),
     }
     trainer = _Trainer(
         net,
@@ -442,8 +454,8 @@ def train(
         settings=settings,
     )
     if checkpoint is None:
-        return _fit(trainer, None, eval_data, on_epoch_end, progress)
-    path = Path(checkpoint)
+        return _fit(trainer, None, eval_data, on_epoch_end, on_start, progress)
+    path = trainer.checkpoint = Path(checkpoint)
     with RunFolder(path.parent):
         if path.exists():
             if not resume:
@@ -457,7 +469,7 @@ def train(
                 f"No checkpoint at {str(path)!r} to resume; starting from scratch.",
                 stacklevel=2,
             )
-        return _fit(trainer, path, eval_data, on_epoch_end, progress)
+        return _fit(trainer, path, eval_data, on_epoch_end, on_start, progress)
 
 
 def _fit(
@@ -465,9 +477,12 @@ def _fit(
     path: Path | None,
     eval_data: tuple[Tensor, Tensor] | None,
     on_epoch_end: Callable[[dict[str, float]], None] | None,
+    on_start: Callable[[History], None] | None,
     progress: bool | None,
 ) -> History:
     history, net = trainer.history, trainer.net
+    if on_start is not None:
+        on_start(history)
     history.sessions += 1
     if history.completed == 0:
         torch.manual_seed(trainer.seed)

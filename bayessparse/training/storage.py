@@ -15,7 +15,8 @@ import io
 import json
 import math
 import os
-import tempfile
+import pickle
+import secrets
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -49,8 +50,10 @@ def atomic_write(path: str | Path, data: bytes) -> None:
             removed and the previous ``path`` is untouched.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Unique per writer; created like any file (the umask applies, unlike mkstemp's 0600).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -59,11 +62,12 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         reason = "the disk is full" if err.errno == errno.ENOSPC else err.strerror or str(err)
-        raise StorageError(
-            err.errno,
+        failure = StorageError(
             f"Could not write {str(path)!r}: {reason}. The previous version of the file, if "
-            "any, is intact; free space or choose another output directory and retry.",
-        ) from err
+            "any, is intact; free space or choose another output directory and retry."
+        )
+        failure.errno = err.errno
+        raise failure from err
     _fsync_dir(path.parent)
 
 
@@ -136,7 +140,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"Checkpoint {str(path)!r} is damaged: its contents do not match its SHA-256. "
             "Restore it from a backup, or remove it to start the run again."
         )
-    state = torch.load(io.BytesIO(payload), weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(payload), weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"Checkpoint {str(path)!r} holds objects other than tensors and plain data, which "
+            "are not loaded (weights_only=True). Only load checkpoints that bayessparse wrote."
+        ) from err
     if not isinstance(state, dict):
         raise CheckpointError(f"Checkpoint {str(path)!r} does not hold a state dict.")
     return state
