@@ -9,11 +9,14 @@ and exit code 1, with the last checkpoint intact.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -408,9 +411,32 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """A scheduler's SIGTERM ends the run like Ctrl-C: a message, exit code, no traceback."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 failed run, 2 user mistake)."""
     args = _parser().parse_args(argv)
+    with _sigterm_interrupts():
+        return _train_command(args)
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    """The ``train`` command: check everything, then train, evaluate and report."""
     try:
         job = Job(args)  # every check that needs no training happens here
     except (ValueError, TypeError) as err:  # bad options, layer options, data or network

@@ -53,12 +53,13 @@ class Recipe:
 
 
 RECIPES: dict[tuple[str, str], Recipe] = {
-    # The official sparse-VD recipes compressed in time (papers.md sections 1e and 7): Adam
-    # 1e-3, batch 100, KL warm-up, lr constant then linear to 0 over the second half.
+    # The official sparse-VD recipes (Molchanov et al. 2017, their code) compressed in time:
+    # Adam 1e-3, batch 100, KL warm-up, lr constant then linear to 0 over the second half.
     ("lenet300", "sparse_vd"): Recipe(40, (2.0, 10.0), layer={"train_clip": True}),
     ("lenet5", "sparse_vd"): Recipe(15, (0.5, 5.0), layer={"train_clip": True}),
-    # The official L0 recipes (papers.md section 2c): Adam 1e-3, droprate_init 0.2 on the
-    # input layer and 0.5 elsewhere, lambda = 0.1/N for the MLP (torch's init, no schedule).
+    # The official L0 recipes (Louizos et al. 2018, their code): Adam 1e-3, droprate_init
+    # 0.2 on the input layer and 0.5 elsewhere, lambda = 0.1/N for the MLP (torch's init,
+    # no schedule).
     # LeNet-5 uses the paper's per-layer "L0-sep" lambdas [10, 0.5, 0.1, 10]/N and He init as
     # the official code; with the shared 1/N our runs end near 1.9 % error (README), and
     # the schedule is cut to 150 epochs with a linear lr decay over the last 50.
@@ -74,9 +75,10 @@ RECIPES: dict[tuple[str, str], Recipe] = {
         init="he",
         layer={"l0_lambda": [10.0, 0.5, 0.1, 10.0], "droprate_init": 0.5},
     ),
-    # Bayesian Compression (papers.md section 3c): Adam 1e-3, torch's init, no warm-up; the
-    # paper's epoch count is unknown. The group scales drift slowly (20 epochs of LeNet-5
-    # prune little: 19-49-558-334), so LeNet-5 gets 60, the lr decaying over the last 20.
+    # Bayesian Compression (Louizos et al. 2017, their code): Adam 1e-3, torch's init, no
+    # warm-up; the paper's epoch count is unknown. The group scales drift slowly (20 epochs
+    # of LeNet-5 prune little: 19-49-558-334), so LeNet-5 gets 60, the lr decaying over the
+    # last 20.
     ("lenet300", "group_nj"): Recipe(40, lr_decay_start=20.0, init="torch"),
     ("lenet5", "group_nj"): Recipe(60, lr_decay_start=40.0, init="torch"),
     ("lenet300", "horseshoe"): Recipe(40, lr_decay_start=20.0, init="torch"),

@@ -355,3 +355,27 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     assert kills >= 6, kills
     assert torn_writes >= 1, "no kill landed inside a file write; raise the number of tries"
+
+
+def test_sigterm_ends_the_run_like_ctrl_c_and_the_run_resumes(tmp_path, mnist):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        command("--epochs", "40", "--out", out, data=mnist),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # as a scheduler ending a job
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"--resume --out {out}" in err and "Traceback" not in err
+    done = len(load_checkpoint(out / "checkpoint.pt")["history"])
+    assert 1 <= done < 40
+    result = cli("--epochs", "40", "--resume", "--out", out, data=mnist)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming after epoch {done}" in result.stderr

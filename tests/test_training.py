@@ -416,3 +416,10 @@ def test_checkpoints_hold_plain_data_only(tmp_path):
     path.write_bytes(b"PK\x03\x04 a zip file, but not ours")
     with pytest.raises(CheckpointError, match="not a bayessparse checkpoint"):
         load_checkpoint(path)
+
+
+def test_nan_images_are_refused_before_training():
+    x, y = toy_problem()
+    x[[5, 7], 3] = math.nan
+    with pytest.raises(ValueError, match="2 training images hold NaN or infinite values"):
+        run(toy_net(), x, y)

@@ -166,6 +166,11 @@ def check_data(net: nn.Module, images: Any, labels: Any, what: str = "training")
         )
     if images.shape[0] == 0:
         raise ValueError(f"Expected at least one {what} example, got none.")
+    if images.is_floating_point() and not bool(torch.isfinite(images).all()):
+        bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+        raise ValueError(
+            f"{bad} {what} images hold NaN or infinite values. Clean or drop them first."
+        )
     classes = _num_outputs(net, images[:2], what)
     bad = labels[(labels < 0) | (labels >= classes)]
     if bad.numel():
