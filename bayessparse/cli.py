@@ -33,10 +33,8 @@ from bayessparse.recipes import (
     INITS,
     RECIPES,
     build_net,
-    check_layer_options,
     kept_architecture,
     recipe,
-    weighted_layers,
 )
 from bayessparse.training import (
     CheckpointError,
@@ -89,6 +87,12 @@ def _positive_float(text: str) -> float:
     if value == 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return float(value)
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return Path(text)
 
 
 def _layer_option(text: str) -> tuple[str, Any]:
@@ -158,9 +162,9 @@ def _parser() -> argparse.ArgumentParser:
         help="keep-probability cut in [0, 1] (default: each layer's own rule)",
     )
     t.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0)
-    t.add_argument("--data-dir", type=Path, help="MNIST idx .gz directory (default: bundled)")
+    t.add_argument("--data-dir", type=_path, help="MNIST idx .gz directory (default: bundled)")
     t.add_argument(
-        "--out", type=Path, help="run folder (default: a new runs/MODEL-METHOD-sSEED[-N])"
+        "--out", type=_path, help="run folder (default: a new runs/MODEL-METHOD-sSEED[-N])"
     )
     resume = t.add_mutually_exclusive_group()
     resume.add_argument(
@@ -202,7 +206,8 @@ def _settings(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
     if "train_clip" in layer:
         layer["train_clip"] = args.train_clip
     layer.update(args.layer)
-    check_layer_options(args.method, layer, len(weighted_layers(MODELS[args.model]())))
+    init = args.init or rec.init
+    build_net(args.model, args.method, init, **layer)  # checks layer options, before data
     return {
         "model": args.model,
         "method": args.method,
@@ -211,7 +216,7 @@ def _settings(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
         "lr": args.lr,
         "kl_warmup": list(kl_warmup),
         "lr_decay_start": lr_decay_start,
-        "init": args.init or rec.init,
+        "init": init,
         "layer": layer,
         "seed": args.seed,
     }

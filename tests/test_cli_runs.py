@@ -91,6 +91,9 @@ def state(path: Path) -> dict[str, torch.Tensor]:
         (["--layer", "log_sigma2_init=[1,2]"], "has 2 values for 3 layers"),
         (["--layer", "bogus=1"], "Valid options: log_sigma2_init, train_clip"),
         (["--layer", "no-equals"], "KEY=VALUE"),
+        (["--out", ""], "--out: expected a path"),
+        (["--method", "l0", "--layer", "gate=foo"], "Expected gate to be one of"),
+        (["--method", "l0", "--layer", "droprate_init=1.5"], "droprate_init in (0, 1)"),
     ],
 )
 def test_bad_options_end_in_one_line_and_exit_2_before_data_is_read(tmp_path, args, fragment):

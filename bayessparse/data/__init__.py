@@ -216,8 +216,9 @@ def load_mnist(root: str | Path | None = None) -> dict[str, Split]:
     """
     root = MNIST_DIR if root is None else Path(root)
     if not root.is_dir():
+        problem = "is a file, not a directory" if root.exists() else "does not exist"
         raise DataError(
-            f"MNIST directory {str(root)!r} does not exist. Pass a directory with the idx .gz "
+            f"MNIST directory {str(root)!r} {problem}. Pass a directory with the idx .gz "
             f"files, or None for the package's own copy."
         )
     sums = _read_checksums(root)
