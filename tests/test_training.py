@@ -132,7 +132,9 @@ def test_bad_arguments_are_rejected_with_the_value():
     with pytest.raises(ValueError, match=r"got \(300, 20\) images and \(299,\) labels"):
         run(toy_net(), x, y[:-1])
     with pytest.raises(ValueError, match="to_sparse_"):
-        run(nn.Sequential(nn.Linear(20, 3)), x, y)
+        run(nn.Sequential(nn.Linear(20, 3)), x, y, objective="svi")
+    with pytest.raises(ValueError, match="Unknown objective 'elbo'"):
+        run(toy_net(), x, y, objective="elbo")
 
 
 def test_stale_param_store_entries_do_not_capture_training():
@@ -423,3 +425,33 @@ def test_nan_images_are_refused_before_training():
     x[[5, 7], 3] = math.nan
     with pytest.raises(ValueError, match="2 training images hold NaN or infinite values"):
         run(toy_net(), x, y)
+
+
+def test_a_plain_network_trains_by_the_supervised_objective_and_resumes_exactly(tmp_path):
+    x, y = toy_problem()
+
+    def plain(seed=0):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    def l1(net):
+        return sum(p.abs().sum() for p in net.parameters())
+
+    straight = plain()
+    history = run(straight, x, y, epochs=4, penalty=l1, eval_data=(x, y))
+    assert history.epochs[-1]["test_error"] < 0.1
+    assert history.epochs[-1]["kl"] < history.epochs[0]["kl"]  # the L1 penalty shrinks
+
+    def interrupt(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(plain(), x, y, epochs=4, penalty=l1, checkpoint=ckpt, on_epoch_end=interrupt)
+    resumed = plain(seed=9)
+    run(resumed, x, y, epochs=4, penalty=l1, checkpoint=ckpt, resume=True)
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="SVI takes no penalty"):
+        run(toy_net(), x, y, penalty=l1)

@@ -1,6 +1,7 @@
 """Training sparse networks by SVI, with progress bars and checkpoints that survive crashes.
 
-- :mod:`~bayessparse.training.objective`: the Pyro model that SVI optimises;
+- :mod:`~bayessparse.training.objective`: what a step minimises: the ELBO of a Bayesian
+  net by SVI (:class:`SVIObjective`), or a plain loss (:class:`SupervisedObjective`);
 - :mod:`~bayessparse.training.loop`: :func:`train`, one epoch at a time, every step checked;
 - :mod:`~bayessparse.training.storage`: atomic writes, verified checkpoints, and
   :class:`RunFolder`, a directory owned by one run at a time.
@@ -14,7 +15,13 @@ from bayessparse.training.loop import (
     check_data,
     train,
 )
-from bayessparse.training.objective import SparseClassifier
+from bayessparse.training.objective import (
+    Objective,
+    SparseClassifier,
+    SupervisedObjective,
+    SVIObjective,
+    make_objective,
+)
 from bayessparse.training.storage import (
     CheckpointError,
     RunFolder,
@@ -31,16 +38,20 @@ __all__ = [
     "CheckpointError",
     "CheckpointExists",
     "History",
+    "Objective",
     "RunFolder",
     "RunFolderBusy",
+    "SVIObjective",
     "Schedule",
     "SparseClassifier",
     "StorageError",
+    "SupervisedObjective",
     "TrainingDiverged",
     "atomic_write",
     "check_data",
     "fingerprint",
     "load_checkpoint",
+    "make_objective",
     "save_checkpoint",
     "to_strict_json",
     "train",

@@ -13,15 +13,14 @@ from typing import Any
 import numpy as np
 import pyro
 import torch
-from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bayessparse.convert import sparse_modules
-from bayessparse.infer import JointOptim, linear_decay, linear_warmup, project_
+from bayessparse.infer import linear_decay, linear_warmup
 from bayessparse.masks import sparsity_report
 from bayessparse.metrics import error_rate, predict_logits
-from bayessparse.training.objective import SparseClassifier
+from bayessparse.training.objective import Objective, make_objective
 from bayessparse.training.storage import (
     CheckpointError,
     RunFolder,
@@ -116,19 +115,6 @@ def _bar(iterable: range, progress: bool | None, **kwargs: Any) -> Any:
     return tqdm(iterable, disable=None if progress is None else False, **kwargs)
 
 
-def _release_stale_params(net: nn.Module) -> None:
-    """Drop param-store entries that share a name with ``net``'s parameters but are others.
-
-    PyroModule registers parameters in Pyro's global param store by name; a stale entry
-    from an earlier network (same names, other tensors) would otherwise be trained instead.
-    """
-    store = pyro.get_param_store()
-    stored = dict(store.named_parameters())
-    for name, param in net.named_parameters():
-        if name in stored and stored[name] is not param:
-            del store[name]
-
-
 def _as_tensor(name: str, value: Any) -> Tensor:
     if isinstance(value, np.ndarray):  # numpy data is welcome; it shares memory
         return torch.from_numpy(value)
@@ -158,11 +144,6 @@ def check_data(net: nn.Module, images: Any, labels: Any, what: str = "training")
         raise TypeError(
             f"Expected integer class labels, got {what} labels of dtype {labels.dtype}. "
             "Convert them with labels.long()."
-        )
-    if not any(True for _ in sparse_modules(net)):
-        raise ValueError(
-            f"{type(net).__name__} has no sparse layers to train. Convert it first with "
-            "bayessparse.to_sparse_(net)."
         )
     if images.shape[0] == 0:
         raise ValueError(f"Expected at least one {what} example, got none.")
@@ -242,15 +223,16 @@ class _Trainer:
         schedule: Schedule,
         seed: int,
         settings: dict[str, Any],
+        objective: Objective,
     ) -> None:
         self.net, self.images, self.labels = net, images, labels
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.schedule, self.seed, self.settings = schedule, seed, settings
-        self.model = SparseClassifier(net, images.shape[0])
-        self.optim = JointOptim(torch.optim.Adam, {"lr": lr})
+        self.objective = objective
         self.history = History()
         self.start = time.perf_counter()
         self.earlier_wall = 0.0  # seconds of the sessions before this one
+        self.kl_weight, self.lr_factor = 0.0, 1.0  # of the current step
         self.checkpoint: Path | None = None
 
     def restore(self, path: Path) -> None:
@@ -268,7 +250,7 @@ class _Trainer:
                 + ". Resume with the same settings and data, or start a new run elsewhere."
             )
         self.net.load_state_dict(state["net"])
-        self.optim.set_state(state["optim"])
+        self.objective.load_state_dict(state["optim"])
         torch.set_rng_state(state["rng"])
         self.history.epochs = state["history"]
         self.history.sessions = state["sessions"]
@@ -280,7 +262,7 @@ class _Trainer:
                 "version": CHECKPOINT_VERSION,
                 "settings": self.settings,
                 "net": self.net.state_dict(),
-                "optim": self.optim.get_state(),
+                "optim": self.objective.state_dict(),
                 "rng": torch.get_rng_state(),
                 "history": self.history.epochs,
                 "sessions": self.history.sessions,
@@ -299,7 +281,7 @@ class _Trainer:
         order = torch.randperm(num_data, generator=epoch_rng)
         return iter(order.split(self.batch_size))
 
-    def run_epoch(self, svi: SVI, epoch: int, progress: bool | None) -> dict[str, float]:
+    def run_epoch(self, epoch: int, progress: bool | None) -> dict[str, float]:
         self.net.train()
         start = time.perf_counter()
         num_batches = math.ceil(self.images.shape[0] / self.batch_size)
@@ -307,25 +289,25 @@ class _Trainer:
         bar = _bar(range(num_batches), progress, desc=f"epoch {epoch + 1}", leave=False)
         for i, idx in zip(bar, self.batches(epoch), strict=True):
             now = epoch + i / num_batches
-            self.model.kl_weight = self.schedule.kl_weight(now)
-            self.optim.lr_factor = self.schedule.lr_factor(now, self.epochs)
+            self.kl_weight = self.schedule.kl_weight(now)
+            self.lr_factor = self.schedule.lr_factor(now, self.epochs)
             # Pyro's checks run on the first step; after that the data and model are known.
-            # Its NaN warning is silenced: _check_step stops the run with a clearer error.
-            with pyro.validation_enabled(epoch == 0 and i == 0), warnings.catch_warnings():
-                warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
-                loss = svi.step(self.images[idx], self.labels[idx])
-            project_(self.net)
+            with pyro.validation_enabled(epoch == 0 and i == 0):
+                loss = self.objective.step(
+                    self.images[idx], self.labels[idx], self.kl_weight, self.lr_factor
+                )
             self._check_step(loss, epoch, i, idx)
-            data_sum += self.model.last_data
-            kl_sum += self.model.last_kl
+            data_term, complexity = self.objective.last_terms
+            data_sum += data_term
+            kl_sum += complexity
             if isinstance(bar, tqdm) and i % 50 == 0:
-                bar.set_postfix(data=f"{self.model.last_data:.4g}", kl=f"{self.model.last_kl:.4g}")
+                bar.set_postfix(data=f"{data_term:.4g}", kl=f"{complexity:.4g}")
         return {
             "epoch": epoch + 1,
             "data_term": data_sum / num_batches,
             "kl": kl_sum / num_batches,
-            "kl_weight": self.model.kl_weight,
-            "lr": self.lr * self.optim.lr_factor,
+            "kl_weight": self.kl_weight,
+            "lr": self.lr * self.lr_factor,
             "train_seconds": time.perf_counter() - start,
         }
 
@@ -334,7 +316,8 @@ class _Trainer:
         if bad is None and math.isfinite(loss):
             return
         where = f"at epoch {epoch + 1}, batch {batch + 1}"
-        lr = self.lr * self.optim.lr_factor
+        lr = self.lr * self.lr_factor
+        data_term, complexity = self.objective.last_terms
         x = self.images[idx]
         dtype = next(self.net.parameters()).dtype
         if not bool(torch.isfinite(x).all()):
@@ -342,8 +325,8 @@ class _Trainer:
             fix = "Clean the data"
         elif dtype in (torch.float16, torch.bfloat16):
             reason = (
-                f"the loss overflowed in {dtype} {where} (data term {self.model.last_data:.4g}, "
-                f"KL {self.model.last_kl:.4g}: the KL of a large network exceeds float16)"
+                f"the loss overflowed in {dtype} {where} (data term {data_term:.4g}, "
+                f"KL {complexity:.4g}: the KL of a large network exceeds float16)"
             )
             fix = "Train in float32 (net.float() and float32 images)"
         elif bad is not None:
@@ -352,7 +335,7 @@ class _Trainer:
         else:
             reason = (
                 f"the loss became {loss} {where} with finite parameters (data term "
-                f"{self.model.last_data:.4g}, KL {self.model.last_kl:.4g})"
+                f"{data_term:.4g}, KL {complexity:.4g})"
             )
             fix = "Lower the learning rate or check the model"
         if self.checkpoint is None:
@@ -381,8 +364,11 @@ def train(
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
     on_start: Callable[[History], None] | None = None,
     progress: bool | None = None,
+    objective: str = "auto",
+    penalty: Callable[[nn.Module], Tensor] | None = None,
 ) -> History:
-    """Train a sparse classifier by SVI (``Trace_ELBO``, Adam), one epoch at a time.
+    """Train a classifier, one epoch at a time: a Bayesian sparse one by SVI
+    (``Trace_ELBO``, Adam), a plain one by Adam on the cross-entropy (plus a penalty).
 
     After every epoch the full training state (network, optimizer, RNG, history) is
     written atomically to ``checkpoint``, with a checksum; with ``resume=True`` training
@@ -414,6 +400,11 @@ def train(
         on_start: called with the history (empty, or restored from the checkpoint) once
             every check has passed, before the first epoch.
         progress: show tqdm bars (``None``: only on a terminal).
+        objective: ``"svi"`` (:class:`~bayessparse.training.SVIObjective`),
+            ``"supervised"`` (:class:`~bayessparse.training.SupervisedObjective`), or
+            ``"auto"``: SVI when ``net`` has Bayesian sparse layers, else supervised.
+        penalty: the supervised objective's complexity term, ``penalty(net)``, weighted
+            by the schedule's KL weight (e.g. an L1 norm).
 
     Returns:
         The :class:`History` of all completed epochs.
@@ -434,6 +425,7 @@ def train(
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"Expected seed to be an integer in [0, 2**32), got {seed!r}.")
     images, labels = check_data(net, images, labels)
+    chosen = make_objective(objective, net, images.shape[0], float(lr), penalty)
     if eval_data is not None:
         eval_data = check_data(net, *eval_data, what="evaluation")
     schedule = schedule or Schedule()
@@ -446,6 +438,7 @@ def train(
         "lr_decay_start": schedule.lr_decay_start,
         "seed": seed,
         "training_data": fingerprint(images, labels),
+        "objective": type(chosen).__name__,
     }
     trainer = _Trainer(
         net,
@@ -457,6 +450,7 @@ def train(
         schedule=schedule,
         seed=seed,
         settings=settings,
+        objective=chosen,
     )
     if checkpoint is None:
         return _fit(trainer, None, eval_data, on_epoch_end, on_start, progress)
@@ -491,8 +485,6 @@ def _fit(
     history.sessions += 1
     if history.completed == 0:
         torch.manual_seed(trainer.seed)
-    _release_stale_params(net)
-    svi = SVI(trainer.model, trainer.model.guide, trainer.optim, Trace_ELBO())
     epoch_bar = _bar(
         range(history.completed, trainer.epochs),
         progress,
@@ -502,16 +494,17 @@ def _fit(
         unit="ep",
     )
     for epoch in epoch_bar:
-        record = trainer.run_epoch(svi, epoch, progress)
+        record = trainer.run_epoch(epoch, progress)
         if eval_data is not None:
             record["test_error"] = error_rate(predict_logits(net, eval_data[0]), eval_data[1])
-            record["compression"] = sparsity_report(net)["compression"]
+            if any(True for _ in sparse_modules(net)):
+                record["compression"] = sparsity_report(net)["compression"]
         history.epochs.append(record)
         if path is not None:
             trainer.save(path)
         if isinstance(epoch_bar, tqdm) and "test_error" in record:
             epoch_bar.set_postfix(
-                err=f"{record['test_error']:.2%}", comp=f"{record['compression']:.1f}x"
+                err=f"{record['test_error']:.2%}", comp=f"{record.get('compression', 1):.1f}x"
             )
         if on_epoch_end is not None:
             on_epoch_end(record)

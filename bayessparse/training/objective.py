@@ -1,18 +1,76 @@
-"""The Pyro model of a sparse classifier: what SVI optimises."""
+"""What training minimises: the ELBO of a Bayesian net (by SVI), or a plain loss.
+
+Both objectives take one optimisation step on a mini-batch given the schedule's KL weight
+and learning-rate factor, report the data and complexity terms of that step, and expose
+their optimiser state for checkpoints: the training loop needs nothing else.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import warnings
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
 
-from bayessparse.infer import SparseGuide, kl
+from bayessparse.convert import sparse_modules
+from bayessparse.infer import JointOptim, SparseGuide, kl, project_
+
+
+class Objective(Protocol):
+    """What the training loop needs of an objective (see the module docstring)."""
+
+    net: nn.Module
+
+    def step(self, x: Tensor, y: Tensor, kl_weight: float, lr_factor: float) -> float: ...
+
+    @property
+    def last_terms(self) -> tuple[float, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+OBJECTIVES = ("auto", "svi", "supervised")
+
+
+def make_objective(
+    kind: str,
+    net: nn.Module,
+    num_data: int,
+    lr: float,
+    penalty: Callable[[nn.Module], Tensor] | None = None,
+) -> Objective:
+    """The objective named ``kind``: ``"svi"``, ``"supervised"``, or ``"auto"`` (SVI for a
+    network with Bayesian sparse layers, supervised for any other).
+
+    Raises:
+        ValueError: an unknown kind, SVI for a network without sparse layers, or a
+            penalty given to SVI (whose complexity term is the KL).
+    """
+    if kind not in OBJECTIVES:
+        raise ValueError(f"Unknown objective {kind!r}. Choose one of {OBJECTIVES}.")
+    bayesian = any(True for _ in sparse_modules(net))
+    if kind == "auto":
+        kind = "svi" if bayesian else "supervised"
+    if kind == "supervised":
+        return SupervisedObjective(net, num_data, lr, penalty)
+    if not bayesian:
+        raise ValueError(
+            f"{type(net).__name__} has no sparse layers to train by SVI. Convert it first "
+            "with bayessparse.to_sparse_(net), or train it with objective='supervised'."
+        )
+    if penalty is not None:
+        raise ValueError("SVI takes no penalty: its complexity term is the layers' KL.")
+    return SVIObjective(net, num_data, lr)
 
 
 class SparseClassifier:
@@ -63,3 +121,108 @@ class SparseClassifier:
         """The posterior of the layers' latent sites, scaled like them (see the class)."""
         with self._complexity_scale():
             self.sparse_guide()
+
+
+class SVIObjective:
+    """The negative ELBO of a Bayesian sparse classifier, minimised by SVI with Adam.
+
+    One :meth:`step` is one ``SVI.step`` of ``Trace_ELBO`` on :class:`SparseClassifier`
+    (data term ``N * mean CE`` plus ``kl_weight * KL``), then the layers' ``project_``.
+
+    Args:
+        net: a network with sparse layers.
+        num_data: size of the full training set.
+        lr: Adam's learning rate before the schedule's factor.
+    """
+
+    def __init__(self, net: nn.Module, num_data: int, lr: float) -> None:
+        self.net = net
+        self.model = SparseClassifier(net, num_data)
+        self.optim = JointOptim(torch.optim.Adam, {"lr": lr})
+        self._svi: SVI | None = None
+
+    def step(self, x: Tensor, y: Tensor, kl_weight: float, lr_factor: float) -> float:
+        if self._svi is None:  # built late, after a resumed optimiser state was set
+            _release_stale_params(self.net)
+            self._svi = SVI(self.model, self.model.guide, self.optim, Trace_ELBO())
+        self.model.kl_weight = kl_weight
+        self.optim.lr_factor = lr_factor
+        with warnings.catch_warnings():
+            # Pyro's NaN warning is silenced: the loop stops the run with a clearer error.
+            warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
+            loss = self._svi.step(x, y)
+        project_(self.net)
+        return loss
+
+    @property
+    def last_terms(self) -> tuple[float, float]:
+        """``(data term, KL)`` of the last step."""
+        return self.model.last_data, self.model.last_kl
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optim.get_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optim.set_state(state)
+
+
+class SupervisedObjective:
+    """``N * mean cross-entropy + kl_weight * penalty(net)``, minimised by Adam.
+
+    The objective of plain networks (dense baselines, classical pruning methods), on the
+    same scale as the ELBO so that the two are logged alike.
+
+    Args:
+        net: any classifier returning logits.
+        num_data: size of the full training set (scales the mean cross-entropy).
+        lr: Adam's learning rate before the schedule's factor.
+        penalty: optional complexity term of the network (e.g. an L1 norm), weighted by
+            the schedule's ``kl_weight``.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_data: int,
+        lr: float,
+        penalty: Callable[[nn.Module], Tensor] | None = None,
+    ) -> None:
+        self.net, self.num_data, self.lr, self.penalty = net, num_data, lr, penalty
+        self.optim = torch.optim.Adam(net.parameters(), lr=lr)
+        self._last = (math.nan, math.nan)
+
+    def step(self, x: Tensor, y: Tensor, kl_weight: float, lr_factor: float) -> float:
+        for group in self.optim.param_groups:
+            group["lr"] = self.lr * lr_factor
+        data = F.cross_entropy(self.net(x), y) * self.num_data
+        complexity = self.penalty(self.net) if self.penalty is not None else data.new_zeros(())
+        loss = data + kl_weight * complexity
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optim.step()
+        self._last = (float(data.detach()), float(complexity.detach()))
+        return float(loss.detach())
+
+    @property
+    def last_terms(self) -> tuple[float, float]:
+        """``(data term, penalty)`` of the last step."""
+        return self._last
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optim.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optim.load_state_dict(state)
+
+
+def _release_stale_params(net: nn.Module) -> None:
+    """Drop param-store entries that share a name with ``net``'s parameters but are others.
+
+    PyroModule registers parameters in Pyro's global param store by name; a stale entry
+    from an earlier network (same names, other tensors) would otherwise be trained instead.
+    """
+    store = pyro.get_param_store()
+    stored = dict(store.named_parameters())
+    for name, param in net.named_parameters():
+        if name in stored and stored[name] is not param:
+            del store[name]
