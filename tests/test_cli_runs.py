@@ -56,6 +56,25 @@ def assert_user_error(result, *fragments: str) -> str:
     return lines[0]
 
 
+def start(*args: str | Path, data: Path) -> subprocess.Popen:
+    """A run in the background, its stdout and stderr captured as text."""
+    return subprocess.Popen(
+        command(*args, data=data),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, proc: subprocess.Popen) -> None:
+    """Wait (at most two minutes) until ``path`` exists, the run still going."""
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+
+
 def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -286,28 +305,13 @@ def test_failed_checkpoint_write_says_where_and_leaves_no_temporary_file(tmp_pat
 
 def test_second_run_on_a_busy_folder_is_refused_and_the_first_finishes_intact(tmp_path, mnist):
     out = tmp_path / "run"
-    first = subprocess.Popen(
-        command("--epochs", "50", "--out", out, data=mnist),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = start("--epochs", "50", "--out", out, data=mnist)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / ".owner").exists():
-            assert first.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for(out / ".owner", first)
         # A new run and a resume, both while the first trains (it has seconds to go).
         others = [
-            subprocess.Popen(
-                command(*args, "--out", out, data=mnist),
-                cwd=REPO,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for args in (["--epochs", "3"], ["--epochs", "50", "--resume"])
+            start(*args, "--out", out, data=mnist)
+            for args in (["--epochs", "3"], ["--epochs", "50", "--resume"], ["--overwrite"])
         ]
         results = [finish(p) for p in others]
         assert first.poll() is None, "the first run ended before the others were refused"
@@ -362,17 +366,8 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
 
 def test_sigterm_ends_the_run_like_ctrl_c_and_the_run_resumes(tmp_path, mnist):
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        command("--epochs", "40", "--out", out, data=mnist),
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoint.pt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    proc = start("--epochs", "40", "--out", out, data=mnist)
+    wait_for(out / "checkpoint.pt", proc)
     proc.send_signal(signal.SIGTERM)  # as a scheduler ending a job
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
