@@ -10,7 +10,15 @@ or a physically smaller one (:func:`compact`).
 from bayessparse import distributions, nn
 from bayessparse.compaction import compact
 from bayessparse.convert import sparse_modules, to_sparse_
-from bayessparse.infer import EmptyGuide, JointOptim, SparseGuide, kl, project_
+from bayessparse.infer import (
+    EmptyGuide,
+    JointOptim,
+    Prediction,
+    SparseGuide,
+    kl,
+    predict,
+    project_,
+)
 from bayessparse.masks import masks, sparsity_report, to_dense
 from bayessparse.nn import SparseModule
 
@@ -19,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EmptyGuide",
     "JointOptim",
+    "Prediction",
     "SparseGuide",
     "SparseModule",
     "__version__",
@@ -27,6 +36,7 @@ __all__ = [
     "kl",
     "masks",
     "nn",
+    "predict",
     "project_",
     "sparse_modules",
     "sparsity_report",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -43,7 +44,13 @@ def _unsupported(module: nn.Module) -> TypeError:
     )
 
 
-def compact(net: nn.Module, threshold: float | None = None) -> nn.Sequential:
+def compact(
+    net: nn.Module,
+    threshold: float | Mapping[str, float] | None = None,
+    *,
+    sparsity: float | None = None,
+    scope: str = "global",
+) -> nn.Sequential:
     """A physically smaller plain torch network computing the same function as the masked one.
 
     The network is first made deterministic (:func:`~bayessparse.to_dense` with the masks
@@ -60,7 +67,12 @@ def compact(net: nn.Module, threshold: float | None = None) -> nn.Sequential:
         net: an ``nn.Sequential`` (possibly converted by :func:`~bayessparse.to_sparse_`) of
             ``nn.Linear``/``nn.ConvNd`` (sparse or plain), ``nn.Flatten``, and channel-wise
             activations, pooling and dropout.
-        threshold: keep-probability cut for the sparse layers (``None``: their default).
+        threshold: keep-probability cut for the sparse layers, or ``{layer name or
+            state_dict key: cut}`` (``None``: their default).
+        sparsity: instead of a threshold, the fraction of the sparse layers' weights to
+            prune, in [0, 1), ranked by keep-probability.
+        scope: with ``sparsity``, ``"global"`` or ``"layer"``. The selection is
+            :func:`~bayessparse.masks`'s, with the same arguments.
 
     Returns:
         A plain ``nn.Sequential`` with smaller layers; ``compact(net)(x)`` equals
@@ -68,12 +80,13 @@ def compact(net: nn.Module, threshold: float | None = None) -> nn.Sequential:
 
     Raises:
         TypeError: for a network or module it cannot compact.
+        ValueError: for a bad selection, as :func:`~bayessparse.masks`.
     """
     if not isinstance(net, nn.Sequential):
         raise _unsupported(net)
     # Also bakes layers pruned with torch.nn.utils.prune, whose weight attribute is stale
     # after an optimizer step.
-    dense = to_dense(net, threshold, bake=True)
+    dense = to_dense(net, threshold, bake=True, sparsity=sparsity, scope=scope)
     modules: list[Any] = list(dense.children())  # Any: torch types layer attributes loosely
     for module in modules:
         if not isinstance(module, (*_WEIGHTED, nn.Flatten, *_CHANNELWISE)):

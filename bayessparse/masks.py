@@ -1,32 +1,220 @@
-"""From a trained Bayesian network to deterministic masks and plain torch networks."""
+"""From a trained Bayesian network to deterministic masks and plain torch networks.
+
+Every pruning decision ends in masks: boolean tensors keyed like ``state_dict``
+(``"0.weight"``, and ``"0.bias"`` where a layer prunes biases), applied as
+:mod:`torch.nn.utils.prune` buffers. :func:`masks`, :func:`to_dense`,
+:func:`sparsity_report` and :func:`~bayessparse.compact` take the same selection
+arguments, and the masks of one selection are the same in all of them:
+
+* ``threshold``: keep what has ``keep_prob() > threshold``. One float in [0, 1] for every
+  layer; a dict ``{layer name or state_dict key: float}`` for some layers (the others use
+  their default); or ``None``: each layer's
+  :attr:`~bayessparse.nn.SparseModule.default_threshold`, the rule of its family's paper.
+* ``sparsity`` in [0, 1) with ``scope="global"`` (all weights of all sparse layers
+  together) or ``scope="layer"`` (each layer on its own): rank by ``keep_prob()`` and
+  prune that fraction of the weights. A score stands for the weights it broadcasts over:
+  one weight (sparse VD, L0 weight gates) or a whole unit (the group families and L0's
+  input and output gates), which is pruned whole. The target is T = round(sparsity · N)
+  of the N weights in scope. Scores are sorted ascending, ties broken by position (layers
+  in ``named_modules`` order, then the row-major index of the score), and the shortest
+  prefix of that order that brings the pruned weights to at least T is pruned, weights
+  pruned for good (:meth:`~bayessparse.nn.SparseModule.prune_`) counting as pruned
+  already (if they reach T, nothing more is pruned). So per-weight scores hit T exactly,
+  ties or not, within 1/(2N) of ``sparsity``; unit scores prune at least T weights and
+  overshoot by less than one unit's weights (in ``scope="layer"``, a sparsity above
+  1 − 1/units prunes a layer whole). :func:`sparsity_report` gives the achieved sparsity.
+  A weight tensor shared by several layers counts once where its layers score it alike (a
+  shared per-weight posterior); layers that gate a shared weight by their own units each
+  count it. Biases are never counted. The rule is :func:`bayessparse.sparsity.select`'s.
+"""
 
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from bayessparse.convert import sparse_modules, unwrap_pyro_type
-from bayessparse.nn.base import SparseModule, check_threshold
+from bayessparse.nn.base import SparseModule, torch_layer_kwargs, torch_layer_type
+from bayessparse.sparsity.selection import (
+    Scores,
+    check_selection,
+    check_threshold,
+    select,
+    weight_mask,
+)
 
 
-def masks(net: nn.Module, threshold: float | None = None) -> dict[str, Tensor]:
-    """Boolean weight masks of every sparse layer, keyed like ``state_dict`` (``"0.weight"``).
+class _Selected(NamedTuple):
+    """The masks of one sparse layer under a selection."""
+
+    module: SparseModule
+    weight: Tensor
+    bias: Tensor | None  # None where neither the family nor prune_ prunes the bias
+    threshold: float | None  # the cut used; None under a target sparsity
+
+
+def masks(
+    net: nn.Module,
+    threshold: float | Mapping[str, float] | None = None,
+    *,
+    sparsity: float | None = None,
+    scope: str = "global",
+) -> dict[str, Tensor]:
+    """Boolean masks of every sparse layer, keyed like ``state_dict``.
+
+    ``"0.weight"`` for every sparse layer, and ``"0.bias"`` where the bias is pruned: by
+    families that prune whole output units (their closed units' biases) or by
+    :meth:`~bayessparse.nn.SparseModule.prune_`. They are exactly the masks that
+    :func:`to_dense` applies with the same arguments.
 
     Args:
-        net: a network with sparse layers.
-        threshold: keep-probability cut in [0, 1]; ``None`` uses each layer's default rule.
+        net: a network with sparse layers (or one sparse layer, keyed ``"weight"``).
+        threshold: keep-probability cut in [0, 1], or ``{layer name or state_dict key:
+            cut}``; ``None`` uses each layer's default rule (module docstring).
+        sparsity: instead of a threshold, the fraction of weights to prune, in [0, 1).
+        scope: with ``sparsity``, ``"global"`` or ``"layer"``.
+
+    Raises:
+        ValueError: for both a threshold and a sparsity, a value out of range or NaN, an
+            unknown scope, or dict keys that name no sparse layer.
+        TypeError: for a threshold or sparsity that is not a number (or dict of numbers).
     """
-    if threshold is not None:
-        check_threshold(threshold)
+    out: dict[str, Tensor] = {}
+    for name, chosen in _select_layers(net, threshold, sparsity, scope).items():
+        out[_key(name, "weight")] = chosen.weight
+        if chosen.bias is not None:
+            out[_key(name, "bias")] = chosen.bias
+    return out
+
+
+def _key(name: str, param: str) -> str:
+    """The ``state_dict`` key of a layer's parameter (a bare layer's is ``param``)."""
+    return f"{name}.{param}" if name else param
+
+
+def _select_layers(
+    net: nn.Module,
+    threshold: float | Mapping[str, float] | None,
+    sparsity: float | None,
+    scope: str,
+) -> dict[str, _Selected]:
+    """The masks of every sparse layer of ``net`` by name, under one selection."""
+    check_selection(threshold, sparsity, scope)
+    layers = dict(sparse_modules(net))
+    scores = {name: _scores(module) for name, module in layers.items()}
+    cuts: dict[str, float] = {}
+    if sparsity is None:
+        cuts = _cuts(layers, threshold)
+        kept = select(scores, cuts)
+    else:
+        owner = _tie_owners(layers, scores)
+        ranked = select(
+            {name: scores[name] for name in layers if owner[name] == name},
+            sparsity=sparsity,
+            scope=scope,
+        )
+        kept = {name: ranked[owner[name]] for name in layers}
     return {
-        f"{name}.weight" if name else "weight": module.mask(threshold)
-        for name, module in sparse_modules(net)
+        name: _Selected(
+            module,
+            weight_mask(scores[name], kept[name]),
+            _bias_mask(module, kept[name]),
+            cuts.get(name),
+        )
+        for name, module in layers.items()
     }
+
+
+def _scores(module: SparseModule) -> Scores:
+    with torch.no_grad():
+        values = module.keep_prob()
+    return Scores(
+        values=values,
+        shape=tuple(module.weight.shape),
+        fixed=module._prune_mask("weight"),
+        default_threshold=module.default_threshold,
+    )
+
+
+def _bias_mask(module: SparseModule, kept: Tensor) -> Tensor | None:
+    """The bias mask of ``module`` given its kept scores: the family's and prune_'s."""
+    fixed = module._prune_mask("bias")
+    # Families that prune biases gate whole output units: their bias mask is the unit
+    # mask, one entry per output unit (SparseModule._bias_kept).
+    if module._bias_kept(None) is None:
+        return fixed
+    units = kept.reshape(-1).clone()  # not a view of the weight's unit mask
+    return units if fixed is None else units & fixed
+
+
+def _cuts(
+    layers: dict[str, SparseModule], threshold: float | Mapping[str, float] | None
+) -> dict[str, float]:
+    """The keep-probability cut of each layer: ``threshold``, its entry, or the default."""
+    if threshold is not None and not isinstance(threshold, Mapping):
+        return dict.fromkeys(layers, check_threshold(threshold))
+    given = {} if threshold is None else _given_cuts(layers, threshold)
+    return {name: given.get(name, module.default_threshold) for name, module in layers.items()}
+
+
+def _given_cuts(
+    layers: dict[str, SparseModule], threshold: Mapping[str, float]
+) -> dict[str, float]:
+    """A dict threshold keyed by layer name, its keys being layer names or state_dict keys.
+
+    Raises:
+        ValueError: for a key that names no sparse layer, a value out of [0, 1], or two
+            keys of one layer with different values.
+    """
+    layer_of: dict[str, str] = {}  # accepted key -> layer name
+    for name, module in layers.items():
+        layer_of[name] = layer_of[_key(name, "weight")] = name
+        if module.bias is not None:
+            layer_of[_key(name, "bias")] = name
+    given: dict[str, float] = {}
+    for key, value in threshold.items():
+        if key not in layer_of:
+            raise ValueError(
+                f"Expected threshold keys naming sparse layers, got {key!r}. Valid layer "
+                f"names: {list(layers)}, or their state_dict keys such as "
+                f"{_key(next(iter(layers), ''), 'weight')!r}."
+            )
+        cut, name = check_threshold(value, f"threshold[{key!r}]"), layer_of[key]
+        if given.get(name, cut) != cut:
+            raise ValueError(
+                f"Expected one threshold per layer, got {given[name]!r} and {cut!r} for "
+                f"layer {name!r} (key {key!r}). Give each layer one value."
+            )
+        given[name] = cut
+    return given
+
+
+def _tie_owners(layers: dict[str, SparseModule], scores: dict[str, Scores]) -> dict[str, str]:
+    """The layer that ranks each layer's weights: the first layer of its weight tensor if
+    both score the tensor alike (tied weights with a shared posterior), else itself.
+
+    So a shared weight tensor counts once towards a target sparsity, as in
+    :func:`sparsity_report`, and its layers get one mask.
+    """
+    first: dict[int, str] = {}
+    owner = {}
+    for name, module in layers.items():
+        head = first.setdefault(id(module.weight), name)
+        owner[name] = head if _same_scores(scores[head], scores[name]) else name
+    return owner
+
+
+def _same_scores(a: Scores, b: Scores) -> bool:
+    same_values = a.values.shape == b.values.shape and torch.equal(a.values, b.values)
+    if a.fixed is None or b.fixed is None:
+        return same_values and a.fixed is b.fixed
+    return same_values and torch.equal(a.fixed, b.fixed)
 
 
 def _strip_pyro(module: nn.Module) -> None:
@@ -38,12 +226,21 @@ def _strip_pyro(module: nn.Module) -> None:
             module.__dict__.pop(attr, None)
 
 
-def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False) -> nn.Module:
+def to_dense(
+    net: nn.Module,
+    threshold: float | Mapping[str, float] | None = None,
+    bake: bool = False,
+    *,
+    sparsity: float | None = None,
+    scope: str = "global",
+) -> nn.Module:
     """A plain torch copy of ``net`` with each sparse layer replaced by its masked torch layer.
 
     The copy holds no Pyro types. Masks are in :mod:`torch.nn.utils.prune` format
-    (``weight_orig`` and ``weight_mask`` buffers), so ``prune.remove`` and tools that read
-    pruned models work on it; with ``bake=True`` they are baked into plain zeros.
+    (``weight_orig`` and ``weight_mask`` buffers, and ``bias_orig``/``bias_mask`` where the
+    bias is pruned), exactly :func:`masks` with the same selection, so ``prune.remove``
+    and tools that read pruned models work on it; with ``bake=True`` they are baked into
+    plain zeros.
 
     A sparse layer under several names becomes one plain layer in all its places. Tied
     layers (one sparse ``weight``) keep sharing their plain weight tensors where the
@@ -52,18 +249,24 @@ def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False)
 
     Args:
         net: a network with sparse layers (it is not modified).
-        threshold: keep-probability cut in [0, 1]; ``None`` uses each layer's default rule.
+        threshold: keep-probability cut in [0, 1], or ``{layer name or state_dict key:
+            cut}``; ``None`` uses each layer's default rule.
         bake: write the masks into the weights and drop the prune buffers (those of
             layers pruned with :mod:`torch.nn.utils.prune` and left dense as well).
+        sparsity: instead of a threshold, the fraction of weights to prune, in [0, 1).
+        scope: with ``sparsity``, ``"global"`` or ``"layer"`` (module docstring).
 
     Returns:
         The deterministic network, in the same train/eval mode as ``net``.
+
+    Raises:
+        ValueError, TypeError: for a bad selection, as :func:`masks`.
     """
-    if threshold is not None:
-        check_threshold(threshold)
     if isinstance(net, SparseModule):  # a bare layer: no copy of the Pyro layer needed
-        return _plain_layer(net, threshold, bake)
+        return _plain_layer(_select_layers(net, threshold, sparsity, scope)[""], bake)
     dense = _deepcopy(net)  # the copy keeps shared modules and tied weights shared
+    # Selected on the copy, whose layers are the ones replaced below (same values).
+    chosen = {id(c.module): c for c in _select_layers(dense, threshold, sparsity, scope).values()}
     plain_of: dict[int, nn.Module] = {}  # sparse layer -> its plain layer, made once
     first: dict[int, tuple[SparseModule, nn.Module]] = {}  # weight -> first layer using it
     for parent in list(dense.modules()):
@@ -71,7 +274,7 @@ def to_dense(net: nn.Module, threshold: float | None = None, bake: bool = False)
             if not isinstance(layer, SparseModule):
                 continue
             if id(layer) not in plain_of:
-                plain = _plain_layer(layer, threshold, bake)
+                plain = _plain_layer(chosen[id(layer)], bake)
                 owner, owner_plain = first.setdefault(id(layer.weight), (layer, plain))
                 if owner is not layer:
                     _tie_equal_(plain, owner_plain, layer, owner)
@@ -149,8 +352,25 @@ def _tie_equal_(
                 setattr(plain, name, getattr(owner_plain, name))
 
 
-def _plain_layer(layer: SparseModule, threshold: float | None, bake: bool) -> nn.Module:
-    plain = layer.to_dense(threshold)
+def _plain_layer(chosen: _Selected, bake: bool) -> nn.Module:
+    """The plain torch layer of a sparse one, with the selected masks.
+
+    As :meth:`~bayessparse.nn.SparseModule.to_dense`, but with masks from any selection
+    rather than from one threshold.
+    """
+    layer, weight = chosen.module, chosen.module.weight
+    plain: Any = torch_layer_type(layer)(
+        **torch_layer_kwargs(layer), device=weight.device, dtype=weight.dtype
+    )
+    bias = layer.dense_bias()
+    with torch.no_grad():
+        plain.weight.copy_(layer.dense_weight())
+        if bias is not None:
+            plain.bias.copy_(bias)
+    prune.custom_from_mask(plain, "weight", chosen.weight)
+    if chosen.bias is not None:
+        prune.custom_from_mask(plain, "bias", chosen.bias)
+    plain.train(layer.training)
     if bake:
         _bake_(plain)
     return plain
@@ -166,7 +386,13 @@ def _bake_(module: nn.Module) -> None:
         prune.remove(module, name)
 
 
-def sparsity_report(net: nn.Module, threshold: float | None = None) -> dict[str, Any]:
+def sparsity_report(
+    net: nn.Module,
+    threshold: float | Mapping[str, float] | None = None,
+    *,
+    sparsity: float | None = None,
+    scope: str = "global",
+) -> dict[str, Any]:
     """Per-layer and total weight counts of the masked network.
 
     Compression is ``|W| / |W != 0|`` over the weight tensors of the sparse layers (biases
@@ -176,16 +402,27 @@ def sparsity_report(net: nn.Module, threshold: float | None = None) -> dict[str,
     by several layers (tied weights) counts once in the totals, where it is kept if any
     of its layers keeps it.
 
+    Args:
+        net: a network with sparse layers.
+        threshold, sparsity, scope: the selection, as for :func:`masks`.
+
     Returns:
         ``{"layers": {name: {"weights", "kept", "sparsity", "inputs_kept",
-        "outputs_kept"}}, "weights", "kept", "sparsity", "compression"}``.
+        "outputs_kept", "threshold"}}, "weights", "kept", "sparsity", "compression",
+        "selection"}``. A layer's ``"threshold"`` is the keep-probability cut it used
+        (``None`` under a target sparsity); ``"selection"`` is ``{"threshold",
+        "sparsity", "scope"}`` as asked, with a dict threshold keyed by layer name and
+        ``"scope"`` ``None`` without a sparsity. ``"sparsity"`` is the achieved one.
+
+    Raises:
+        ValueError: for a network without sparse layers, or a bad selection.
+        TypeError: for a bad selection, as :func:`masks`.
     """
-    if threshold is not None:
-        check_threshold(threshold)
+    chosen = _select_layers(net, threshold, sparsity, scope)
     layers = {}
     stored: dict[int, Tensor] = {}  # weight tensor -> union of its layers' masks
-    for name, module in sparse_modules(net):
-        mask = module.mask(threshold)
+    for name, layer in chosen.items():
+        mask = layer.weight
         n, k = mask.numel(), int(mask.sum())
         layers[name or "weight"] = {  # a bare layer, as masks() keys it
             "weights": n,
@@ -193,8 +430,9 @@ def sparsity_report(net: nn.Module, threshold: float | None = None) -> dict[str,
             "sparsity": 1.0 - k / n,
             "inputs_kept": int(mask.transpose(0, 1).flatten(1).any(1).sum()),
             "outputs_kept": int(mask.flatten(1).any(1).sum()),
+            "threshold": layer.threshold,
         }
-        key = id(module.weight)
+        key = id(layer.module.weight)
         stored[key] = mask | stored[key] if key in stored else mask
     total = sum(mask.numel() for mask in stored.values())
     kept = sum(int(mask.sum()) for mask in stored.values())
@@ -209,4 +447,24 @@ def sparsity_report(net: nn.Module, threshold: float | None = None) -> dict[str,
         "kept": kept,
         "sparsity": 1.0 - kept / total,
         "compression": total / kept if kept else math.inf,
+        "selection": _selection(chosen, threshold, sparsity, scope),
+    }
+
+
+def _selection(
+    chosen: dict[str, _Selected],
+    threshold: float | Mapping[str, float] | None,
+    sparsity: float | None,
+    scope: str,
+) -> dict[str, Any]:
+    """The selection as asked, a dict threshold keyed by layer name (state_dict keys
+    resolved), for :func:`sparsity_report`."""
+    if isinstance(threshold, Mapping):
+        asked: Any = _given_cuts({name: c.module for name, c in chosen.items()}, threshold)
+    else:
+        asked = None if threshold is None else float(threshold)
+    return {
+        "threshold": asked,
+        "sparsity": None if sparsity is None else float(sparsity),
+        "scope": None if sparsity is None else scope,
     }

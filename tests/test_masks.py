@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from pyro.nn import PyroModule
 from torch import nn
@@ -9,6 +10,7 @@ from torch.nn.utils import prune
 
 import bayessparse as bs
 from bayessparse.cli import kept_architecture
+from bayessparse.convert import METHODS
 from bayessparse.models import LeNet5Caffe, LeNet300100
 from bayessparse.nn.variational import SPARSE_VD_THRESHOLD
 
@@ -94,9 +96,85 @@ def test_sparsity_report_counts_kept_units():
 
 
 def test_reports_on_a_net_without_sparse_layers_fail_clearly():
-    import pytest
-
     with pytest.raises(ValueError, match="to_sparse_"):
         bs.sparsity_report(LeNet300100())
     with pytest.raises(ValueError, match="to_sparse_"):
         bs.kl(LeNet300100())
+
+
+# family -> (parameter, low, high): drawing it uniformly spreads the keep-probabilities.
+SPREAD = {
+    "sparse_vd": ("weight_log_sigma2", -14.0, 2.0),
+    "l0": ("gate_log_alpha", -4.0, 4.0),
+    "group_nj": ("scale_log_sigma2", -8.0, 8.0),
+    "horseshoe": ("local_log_sigma", -5.0, 2.0),
+    "spike_slab": ("inclusion_logit", -4.0, 4.0),
+}
+SELECTIONS = [
+    {},
+    {"threshold": 0.3},
+    {"threshold": {"0": 0.0, "7.weight": 0.6}},
+    {"sparsity": 0.8},
+    {"sparsity": 0.8, "scope": "layer"},
+]
+
+
+def spread_lenet5(method: str) -> nn.Module:
+    """LeNet-5-Caffe of ``method`` (output-channel groups on the convolutions, so their
+    biases are pruned too, except sparse VD's), with spread keep-probabilities and conv2's
+    third bias pruned for good."""
+    torch.manual_seed(0)
+    net = bs.to_sparse_(LeNet5Caffe(), method)
+    name, low, high = SPREAD[method]
+    with torch.no_grad():
+        for _, layer in bs.sparse_modules(net):
+            getattr(layer, name).uniform_(low, high)
+    net[3].prune_(bias_mask=torch.arange(50) != 2)
+    return net
+
+
+def applied_masks(dense: nn.Module) -> dict[str, torch.Tensor]:
+    """The torch.nn.utils.prune masks of ``dense``, keyed like its state_dict."""
+    return {
+        f"{name}.{buffer[: -len('_mask')]}": mask
+        for name, module in dense.named_modules()
+        for buffer, mask in module.named_buffers(recurse=False)
+        if buffer.endswith("_mask")
+    }
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("selection", SELECTIONS, ids=str)
+def test_masks_are_exactly_the_masks_to_dense_applies(method, selection):
+    net = spread_lenet5(method)
+    masks = bs.masks(net, **selection)
+    applied = applied_masks(bs.to_dense(net, **selection))
+    assert list(masks) == list(applied)
+    for key, mask in masks.items():
+        assert mask.dtype == torch.bool and torch.equal(applied[key].bool(), mask), key
+    expected = {"3.bias"} | ({"0.bias", "3.bias"} if method != "sparse_vd" else set())
+    assert {key for key in masks if key.endswith("bias")} == expected
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("threshold", [None, 0.3])
+def test_thresholded_masks_are_the_layers_own(method, threshold):
+    net = spread_lenet5(method)
+    masks = bs.masks(net, threshold)
+    for name, layer in bs.sparse_modules(net):
+        assert torch.equal(masks[f"{name}.weight"], layer.mask(threshold)), name
+        bias = layer.bias_mask(threshold)
+        assert (f"{name}.bias" in masks) == (bias is not None), name
+        if bias is not None:
+            assert torch.equal(masks[f"{name}.bias"], bias), name
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_to_dense_builds_each_layer_as_the_layers_own_to_dense(method):
+    net = spread_lenet5(method)
+    dense = bs.to_dense(net)
+    for name, layer in bs.sparse_modules(net):
+        own = layer.to_dense().state_dict()
+        built = dense.get_submodule(name).state_dict()
+        assert list(own) == list(built), name
+        assert all(torch.equal(own[k], built[k]) for k in own), name

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -86,6 +88,41 @@ def _torch_pruned(module: nn.Module, name: str) -> tuple[Any, Tensor | None]:
     return orig.detach() * mask, mask
 
 
+# A layer's predictive masks: (weight mask, bias mask or None), boolean, prune_'s included.
+PredictiveMasks = tuple[Tensor, Tensor | None]
+
+
+@contextmanager
+def predictive_masks(masks: Mapping[SparseModule, PredictiveMasks]) -> Iterator[None]:
+    """Put layers in predictive mode with the given masks, until the block exits.
+
+    In predictive mode a layer's masks are its whole mask rule: :meth:`SparseModule.mask`
+    and :meth:`SparseModule.bias_mask` (with ``threshold=None``) return them, and the one
+    operation every family computes through applies them, so the pruned weights and biases
+    are exactly zero in evaluation passes (the masked posterior mean) and in training
+    passes (samples of the masked posterior: their means and variances alike). A training
+    pass also samples the posterior itself rather than its training surrogate (no sqrt
+    jitter; spike-and-slab gates are Bernoulli, not relaxed). :func:`bayessparse.predict`
+    runs its passes in here; nesting restores the outer masks on exit.
+
+    Args:
+        masks: layer -> (boolean weight mask of ``weight``'s shape, boolean bias mask or
+            ``None``); they must include the layer's :meth:`~SparseModule.prune_` masks.
+    """
+    previous = {layer: layer.__dict__.get("_predictive_masks") for layer in masks}
+    try:
+        for layer, pair in masks.items():
+            # Plain instance state, not a buffer: it is never saved with the layer.
+            layer.__dict__["_predictive_masks"] = pair
+        yield
+    finally:
+        for layer, old in previous.items():
+            if old is None:
+                layer.__dict__.pop("_predictive_masks", None)
+            else:
+                layer.__dict__["_predictive_masks"] = old
+
+
 class SparseModule(PyroModule):
     """Mixin contract of a Bayesian sparse layer (a :class:`~pyro.nn.PyroModule`).
 
@@ -116,6 +153,8 @@ class SparseModule(PyroModule):
     """
 
     default_threshold: float  # class default; an instance may override it
+    # Set only inside predictive_masks(): then these are the layer's whole mask rule.
+    _predictive_masks: PredictiveMasks | None = None
     # The posterior parameters with one value per weight (the shape of ``weight``), which
     # with ``weight`` make up the weight's posterior: layers that share a weight share
     # these too. Each family declares its own; an instance may override it when an option
@@ -215,6 +254,8 @@ class SparseModule(PyroModule):
         """
         if threshold is not None:
             check_threshold(threshold)
+        elif self._predictive_masks is not None:
+            return self._predictive_masks[1]
         kept, fixed = self._bias_kept(threshold), self._prune_mask("bias")
         if kept is None or fixed is None:
             return fixed if kept is None else kept
@@ -260,20 +301,35 @@ class SparseModule(PyroModule):
         """The :meth:`prune_` mask of ``"weight"`` or ``"bias"``, or ``None`` if unpruned."""
         return self._buffers.get(f"{name}_prune_mask")
 
+    @property
+    def _predicting(self) -> bool:
+        """Whether the layer is in predictive mode (see :func:`predictive_masks`)."""
+        return self._predictive_masks is not None
+
     # Shared by all families: the torch layer's operation and input check.
     def _op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         # Every family's training and evaluation paths (means and variances alike) compute
-        # through here, so masking here keeps what prune_ pruned exactly zero.
-        weight_mask = self._prune_mask("weight")
+        # through here, so masking here keeps what prune_ pruned, and what predictive
+        # masks prune, exactly zero. Predictive masks include prune_'s.
+        weight_mask, bias_mask = self._predictive_masks or (
+            self._prune_mask("weight"),
+            self._prune_mask("bias"),
+        )
         if weight_mask is not None:
             weight = weight * weight_mask
-        bias_mask = self._prune_mask("bias")
         if bias is not None and bias_mask is not None:
             bias = bias * bias_mask
         if isinstance(self, nn.Linear):
             return F.linear(x, weight, bias)
         # nn.ConvNd._conv_forward handles padding_mode, stride, dilation and groups.
         return self._conv_forward(x, weight, bias)
+
+    def _gaussian_sample(self, mean: Tensor, var: Tensor) -> Tensor:
+        """A local-reparameterisation draw ``mean + sqrt(var) * ε``, ε ~ N(0, 1) per entry."""
+        # In training, 1e-8 keeps sqrt differentiable where every input to a unit is zero.
+        # Prediction needs no gradient, and without it a fully pruned unit is exactly zero.
+        jitter = 0.0 if self._predicting else 1e-8
+        return mean + (var + jitter).sqrt() * torch.randn_like(mean)
 
     def _check_input(self, x: Tensor) -> None:
         if isinstance(self, nn.Linear):
@@ -337,15 +393,24 @@ class SparseModule(PyroModule):
         Raises:
             ValueError: if ``threshold`` is NaN or outside [0, 1].
         """
+        if threshold is None and self._predictive_masks is not None:
+            return self._predictive_masks[0]
         kept = self._kept(threshold).expand_as(self.weight)
         fixed = self._prune_mask("weight")
         return kept if fixed is None else kept & fixed
 
     def _kept(self, threshold: float | None = None) -> Tensor:
-        """``keep_prob() > threshold`` in keep_prob's own (gate) shape, without gradient."""
+        """``keep_prob() > threshold`` in keep_prob's own (gate) shape, without gradient.
+
+        In predictive mode the default rule keeps everything: the predictive masks, which
+        :meth:`_op` applies, are the whole rule, and they need not follow the gate shape.
+        """
         cut = self.default_threshold if threshold is None else check_threshold(threshold)
         with torch.no_grad():
-            return self.keep_prob() > cut
+            keep_prob = self.keep_prob()
+            if threshold is None and self._predicting:
+                return torch.ones_like(keep_prob, dtype=torch.bool)
+            return keep_prob > cut
 
     def to_dense(self, threshold: float | None = None) -> nn.Module:
         """A plain torch layer with this layer's masked deterministic weight.

@@ -165,8 +165,7 @@ class _GroupScaled(SparseModule):
             x = x * z
         mean = self._op(x, theta, bias)
         var = self._op(x * x, self.weight_log_sigma2.exp(), None)
-        # 1e-8 keeps sqrt differentiable where every input to a unit is zero.
-        out = mean + (var + 1e-8).sqrt() * torch.randn_like(mean)
+        out = self._gaussian_sample(mean, var)
         return out * z if self.group == "output" else out
 
 

@@ -14,6 +14,8 @@ Each group g (an input unit or an output channel) has an inclusion variable
 Training relaxes :math:`z` to a binary-concrete sample (Maddison et al. 2017; Jang et al.
 2017), one per example, so that gradients reach :math:`p`; evaluation keeps the groups with
 :math:`p_g > 1/2` (the median probability model) at their slab mean :math:`\theta`.
+Monte Carlo prediction (:func:`bayessparse.predict`) samples :math:`z_g \sim
+\mathrm{Bernoulli}(p_g)` itself.
 """
 
 from __future__ import annotations
@@ -82,6 +84,10 @@ class _SpikeSlab(_GroupScaled):
 
     def _scale_sample(self, batch_shape: tuple[int, ...]) -> Tensor:
         logits = self.inclusion_logit.expand(batch_shape + self.inclusion_logit.shape)
+        if self._predicting:
+            # Prediction samples the posterior q(z) = Bernoulli(p) itself: the relaxation
+            # only serves training gradients.
+            return torch.bernoulli(torch.sigmoid(logits))
         temperature = logits.new_tensor(self.temperature)
         return dist.RelaxedBernoulli(temperature, logits=logits).rsample()
 

@@ -77,16 +77,16 @@ class _SparseVD(SparseModule):
         if not self.training:
             return self._op(x, theta * self.mask().to(theta.dtype), bias)
         log_sigma2 = self.weight_log_sigma2  # one PyroModule lookup (a pyro.param) per use
-        if self.train_clip:
+        if self.train_clip and not self._predicting:
             # Drop already-pruned weights (log alpha >= 3) from the mean, as the official
-            # LeNet recipes do. The mask carries no gradient, so build it outside autograd.
+            # LeNet recipes do; in prediction the predictive masks decide what is pruned.
+            # The mask carries no gradient, so build it outside autograd.
             with torch.no_grad():
                 keep = _clamped_log_alpha(theta, log_sigma2) < 3.0
             theta = theta * keep.to(theta.dtype)
         mean = self._op(x, theta, bias)
         var = self._op(x * x, log_sigma2.exp(), None)
-        # 1e-8 keeps sqrt differentiable where every input to a unit is zero.
-        return mean + (var + 1e-8).sqrt() * torch.randn_like(mean)
+        return self._gaussian_sample(mean, var)
 
 
 class VariationalLinear(nn.Linear, _SparseVD):
