@@ -4,10 +4,11 @@ Swap a network's layers for Bayesian sparse ones (:func:`to_sparse_`), train the
 with the KL of :func:`kl` and a :class:`SparseGuide` (empty unless a layer has latent
 sites, like the horseshoe scales), then threshold the posterior into a
 deterministic pruned network (:func:`masks`, :func:`to_dense`, :func:`sparsity_report`)
-or a physically smaller one (:func:`compact`).
+or a physically smaller one (:func:`compact`), by threshold or to a target sparsity
+(:mod:`bayessparse.sparsity`).
 """
 
-from bayessparse import distributions, nn
+from bayessparse import distributions, nn, sparsity
 from bayessparse.compaction import compact
 from bayessparse.convert import sparse_modules, to_sparse_
 from bayessparse.infer import (
@@ -39,6 +40,7 @@ __all__ = [
     "predict",
     "project_",
     "sparse_modules",
+    "sparsity",
     "sparsity_report",
     "to_dense",
     "to_sparse_",
