@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import signal
@@ -21,20 +22,25 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bayessparse.convert import METHODS, sparse_modules
-from bayessparse.data import DataError, Split, load_mnist, preprocess
-from bayessparse.masks import sparsity_report
-from bayessparse.metrics import classification_report, predict_logits
+from bayessparse.convert import sparse_modules
+from bayessparse.data import DataError, Split, hold_out, load_mnist, preprocess
+from bayessparse.evaluation import EVALUATION, RunError, evaluate_run
+from bayessparse.infer import predict
+from bayessparse.masks import masks, sparsity_report
+from bayessparse.metrics import predict_logits, probability_report
 from bayessparse.models import MODELS
 from bayessparse.recipes import (
+    DENSE,
     INITS,
     RECIPES,
+    TRAINABLE,
     build_net,
     kept_architecture,
     recipe,
+    weighted_layers,
 )
 from bayessparse.training import (
     CheckpointError,
@@ -123,7 +129,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a sparse network on MNIST, threshold, report")
     t.add_argument("--model", choices=sorted(MODELS), default="lenet300")
-    t.add_argument("--method", choices=sorted(METHODS), default="sparse_vd")
+    t.add_argument(
+        "--method",
+        choices=TRAINABLE,
+        default="sparse_vd",
+        help="Bayesian sparse family, or dense: the plain network (a baseline)",
+    )
     t.add_argument("--epochs", type=_number(int, 1), help=_epochs_help())
     t.add_argument("--batch-size", type=_number(int, 1), default=100)
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
@@ -156,10 +167,28 @@ def _parser() -> argparse.ArgumentParser:
         help="sparse-layer option overriding the recipe's, e.g. l0_lambda=0.5, or one value "
         "per layer: l0_lambda=[10,0.5,0.1,10] (JSON values; repeatable)",
     )
-    t.add_argument(
+    select = t.add_mutually_exclusive_group()
+    select.add_argument(
         "--threshold",
         type=_number(float, 0.0, 1.0),
-        help="keep-probability cut in [0, 1] (default: each layer's own rule)",
+        help="keep weights with keep-probability above this (default: each layer's own rule)",
+    )
+    select.add_argument(
+        "--sparsity",
+        type=_number(float, 0.0, 0.999999),
+        help="prune this fraction of the weights, those of lowest keep-probability",
+    )
+    t.add_argument(
+        "--scope",
+        choices=("global", "layer"),
+        default="global",
+        help="with --sparsity: rank all weights together, or each layer's on its own",
+    )
+    t.add_argument(
+        "--val-size",
+        type=_number(int, 0),
+        default=0,
+        help="examples held out of the training set for choosing the cut (evaluate)",
     )
     t.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0)
     t.add_argument("--data-dir", type=_path, help="MNIST idx .gz directory (default: bundled)")
@@ -175,6 +204,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--threads", type=_number(int, 1), help="torch threads (default: torch's)")
     t.add_argument("--no-progress", dest="progress", action="store_false")
+
+    e = sub.add_parser(
+        "evaluate",
+        help="sweep, calibration, OOD detection and export of a finished run",
+        description="Evaluate a finished run: the threshold sweep on its validation split, "
+        "test metrics of the deterministic masked net and of the masked posterior, OOD "
+        "detection, plots, and the exported model (model.pt2), next to its report.",
+    )
+    e.add_argument("run", type=_path, help="the run folder (--out of train)")
+    e.add_argument(
+        "--num-samples",
+        type=_number(int, 0),
+        default=20,
+        help="Monte Carlo samples of the masked posterior (0: deterministic only)",
+    )
+    e.add_argument("--ood-size", type=_number(int, 1), default=2000)
+    e.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0)
+    e.add_argument("--no-plots", dest="plots", action="store_false")
+    e.add_argument("--threads", type=_number(int, 1), help="torch threads (default: torch's)")
     return parser
 
 
@@ -219,6 +267,7 @@ def _settings(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
         "init": init,
         "layer": layer,
         "seed": args.seed,
+        "val_size": args.val_size,
     }
 
 
@@ -285,7 +334,9 @@ def _print_epoch(record: dict[str, float]) -> None:
         f"  kl_w {record['kl_weight']:.2f}  lr {record['lr']:.2e}"
     )
     if "test_error" in record:
-        line += f"  test err {record['test_error']:.2%}  comp {record['compression']:6.1f}x"
+        line += f"  test err {record['test_error']:.2%}"
+    if "compression" in record:
+        line += f"  comp {record['compression']:6.1f}x"
     # tqdm.write keeps the line clear of the progress bars.
     tqdm.write(line + f"  ({record['train_seconds']:.1f} s)", file=sys.stdout)
 
@@ -316,7 +367,8 @@ class Job:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         data = _load_data(args.data_dir)
-        self.train_split, self.test = data["train"], data["test"]
+        self.train_split, self.val = hold_out(data["train"], args.val_size, args.seed)
+        self.test = data["test"]
         torch.manual_seed(args.seed)
         self.net = build_net(
             args.model, args.method, self.settings["init"], **self.settings["layer"]
@@ -347,14 +399,16 @@ class Job:
                 seed=settings["seed"],
                 checkpoint=folder / CHECKPOINT,
                 resume=(folder / CHECKPOINT).exists(),
-                meta={key: settings[key] for key in ("model", "method", "init", "layer")},
+                meta={
+                    key: settings[key] for key in ("model", "method", "init", "layer", "val_size")
+                },
                 eval_data=(self.test.images, self.test.labels),
                 on_epoch_end=_print_epoch,
                 on_start=self._announce,
                 progress=self.args.progress,
             )
             in_train = time.perf_counter() - train_start
-            report = _report(self.net, self.test, self.args.threshold, settings, history)
+            report = _report(self.net, self.test, _selection(self.args), settings, history)
             # train() counts its time over all sessions (earlier ones up to their last
             # checkpoint); add this session's time outside it.
             outside = time.perf_counter() - self.created - in_train
@@ -364,27 +418,75 @@ class Job:
         return report
 
 
+def _selection(args: argparse.Namespace) -> dict[str, Any]:
+    """The mask selection of the command: ``{}`` (each layer's rule), a threshold or a
+    sparsity with its scope, as keyword arguments of :func:`bayessparse.masks`."""
+    if args.threshold is not None:
+        return {"threshold": args.threshold}
+    if args.sparsity is not None:
+        return {"sparsity": args.sparsity, "scope": args.scope}
+    return {}
+
+
+def _rule(selection: dict[str, Any]) -> str:
+    if "threshold" in selection:
+        return f"keep weights with keep-probability > {selection['threshold']:g}"
+    if "sparsity" in selection:
+        return (
+            f"prune the {selection['sparsity']:.2%} of weights of lowest keep-probability "
+            f"({selection['scope']} ranking)"
+        )
+    return "each layer's default rule (sparse VD: log alpha < 3; L0: test gate > 0; ...)"
+
+
 def _report(
-    net: nn.Module, test: Split, threshold: float | None, settings: dict[str, Any], history: Any
+    net: nn.Module,
+    test: Split,
+    selection: dict[str, Any],
+    settings: dict[str, Any],
+    history: Any,
 ) -> dict[str, Any]:
-    logits = predict_logits(net, test.images)
-    sparsity = sparsity_report(net, threshold)
+    common = {
+        "settings": {**settings, **selection},
+        "selection": _rule(selection),
+        "train_seconds": sum(r["train_seconds"] for r in history.epochs),
+        "sessions": history.sessions,
+        "history": history.epochs,
+    }
+    if settings["method"] == DENSE:
+        layers: list[Any] = [net.get_submodule(name) for name in weighted_layers(net)]
+        weights = sum(layer.weight.numel() for layer in layers)
+        return {
+            **_quality(predict_logits(net, test.images).softmax(-1), test.labels),
+            "compression": 1.0,
+            "architecture": "dense",
+            "sparsity": 0.0,
+            "weights": weights,
+            "kept": weights,
+            "layers": {},
+            **common,
+            "selection": "none (a dense network)",
+        }
+    probs = predict(net, test.images, num_samples=0, masks=masks(net, **selection)).probs
+    sparsity = sparsity_report(net, **selection)
     names = _layer_names(net)
     return {
-        "settings": {**settings, "threshold": threshold},
-        **classification_report(logits, test.labels),
+        **_quality(probs, test.labels),
         "compression": sparsity["compression"],
-        "architecture": kept_architecture(net, threshold),
+        "architecture": kept_architecture(net, **selection),
         "sparsity": sparsity["sparsity"],
         "weights": sparsity["weights"],
         "kept": sparsity["kept"],
         "layers": {
             name: {"layer": names[name], **layer} for name, layer in sparsity["layers"].items()
         },
-        "train_seconds": sum(r["train_seconds"] for r in history.epochs),
-        "sessions": history.sessions,
-        "history": history.epochs,
+        **common,
     }
+
+
+def _quality(probs: Tensor, labels: Tensor) -> dict[str, float]:
+    report = probability_report(probs, labels)
+    return {key: report[key] for key in ("error", "nll", "ece", "brier")}
 
 
 def _print_report(report: dict[str, Any], out: Path) -> None:
@@ -400,6 +502,7 @@ def _print_report(report: dict[str, Any], out: Path) -> None:
         else f"  compression  all {report['weights']} weights pruned"
     )
     print(f"  kept units   {report['architecture']}")
+    print(f"  selection    {report['selection']}")
     print(f"  test NLL     {report['nll']:.4f}")
     print(f"  ECE          {report['ece']:.4f}")
     for layer in report["layers"].values():
@@ -437,6 +540,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 failed run, 2 user mistake)."""
     args = _parser().parse_args(argv)
     with _sigterm_interrupts():
+        if args.command == "evaluate":
+            return _evaluate_command(args)
         return _train_command(args)
 
 
@@ -463,3 +568,57 @@ def _train_command(args: argparse.Namespace) -> int:
         return 130
     _print_report(report, job.folder)
     return 0 if math.isfinite(report["error"]) else 1
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
+    """The ``evaluate`` command: evaluate a finished run and print a summary."""
+    if not args.run.is_dir():
+        return _fail(f"run folder {args.run} does not exist; give the --out of a train run", 2)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.plots and importlib.util.find_spec("matplotlib") is None:
+        _note("no plots: matplotlib is not installed (pip install 'bayessparse[plots]')")
+        args.plots = False
+    try:
+        with RunFolder(args.run):
+            result = evaluate_run(
+                args.run,
+                num_samples=args.num_samples,
+                ood_size=args.ood_size,
+                seed=args.seed,
+                plots=args.plots,
+            )
+    except (RunError, DataError, RunFolderBusy, NotADirectoryError) as err:
+        return _fail(str(err), 2)
+    except StorageError as err:
+        return _fail(str(err), 1)
+    except KeyboardInterrupt:
+        return 130
+    _print_evaluation(result, Path(args.run))
+    return 0
+
+
+def _print_evaluation(result: dict[str, Any], folder: Path) -> None:
+    for mode, m in result["test"].items():
+        print(
+            f"test, {mode:13s}  error {m['error']:.2%}  NLL {m['nll']:.4f}  ECE {m['ece']:.4f}"
+            f"  Brier {m['brier']:.4f}"
+        )
+    if "sweep" in result:
+        print("validation sweep (target sparsity: error, ECE, compression)")
+        for row in result["sweep"]:
+            print(
+                f"  {row['target_sparsity']:6.1%}: {row['error']:.2%}  {row['ece']:.4f}  "
+                f"{row['compression']:.1f}x"
+            )
+    for mode, sets in result["ood"].items():
+        for name, scores in sets.items():
+            line = "  ".join(f"{score} {v['auroc']:.3f}" for score, v in scores.items())
+            print(f"OOD AUROC, {mode}, {name:15s} {line}")
+    exported = result["export"]
+    print(
+        f"exported {exported['path']} ({'compacted' if exported['compacted'] else 'baked'}, "
+        f"{exported['size']['params']} parameters, {exported['flops']['nonzero']} of "
+        f"{exported['dense_flops']} MACs)"
+    )
+    print(f"evaluation {folder / EVALUATION}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ def export(
     path: str | Path,
     example_inputs: Tensor | tuple[Any, ...],
     *,
-    threshold: float | None = None,
+    threshold: float | Mapping[str, float] | None = None,
+    sparsity: float | None = None,
+    scope: str = "global",
     compact_units: bool = True,
 ) -> Exported:
     """Write the pruned, deterministic ``net`` to ``path`` as a ``torch.export`` program.
@@ -65,7 +68,8 @@ def export(
         net: a Bayesian sparse network, or a plain one (pruned or not).
         path: the output file (by convention ``.pt2``).
         example_inputs: an input batch (or a tuple of the forward's arguments).
-        threshold: keep-probability cut of the sparse layers (``None``: their default).
+        threshold, sparsity, scope: which weights of the sparse layers to keep, as for
+            :func:`~bayessparse.masks` (default: each layer's own rule).
         compact_units: remove pruned units physically where possible.
 
     Returns:
@@ -76,7 +80,8 @@ def export(
             reason), or the network cannot be exported.
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    module, compacted = _deterministic(net, threshold, compact_units)
+    selection = {"threshold": threshold, "sparsity": sparsity, "scope": scope}
+    module, compacted = _deterministic(net, selection, compact_units)
     module.eval()
     try:
         with torch.no_grad():
@@ -98,18 +103,18 @@ def export(
 
 
 def _deterministic(
-    net: nn.Module, threshold: float | None, compact_units: bool
+    net: nn.Module, selection: dict[str, Any], compact_units: bool
 ) -> tuple[nn.Module, bool]:
     if compact_units:
         try:
-            return compact(net, threshold), True
+            return compact(net, **selection), True
         except TypeError as err:  # a structure compact() does not handle
             warnings.warn(
                 f"Exporting without compaction (pruned weights are zeros in the original "
                 f"shape): {err}",
                 stacklevel=3,
             )
-    return to_dense(net, threshold, bake=True), False
+    return to_dense(net, **selection, bake=True), False
 
 
 def _batch_of_one(a: Any) -> bool:

@@ -52,6 +52,10 @@ class Recipe:
         return (start * factor, end * factor), decay
 
 
+# The plain network, trained by cross-entropy: the baseline each Bayesian method is held to.
+DENSE = "dense"
+TRAINABLE = (*sorted(METHODS), DENSE)
+
 RECIPES: dict[tuple[str, str], Recipe] = {
     # The official sparse-VD recipes (Molchanov et al. 2017, their code) compressed in time:
     # Adam 1e-3, batch 100, KL warm-up, lr constant then linear to 0 over the second half.
@@ -86,6 +90,10 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # The relaxed spike-and-slab has no paper recipe: the group families' settings.
     ("lenet300", "spike_slab"): Recipe(40, lr_decay_start=20.0, init="torch"),
     ("lenet5", "spike_slab"): Recipe(40, lr_decay_start=25.0, init="torch"),
+    # The dense baselines, with the sparse-VD recipes' budgets (epochs, Adam 1e-3, lr
+    # constant then linear to 0 over the second half) and torch's initialisation.
+    ("lenet300", DENSE): Recipe(40, init="torch"),
+    ("lenet5", DENSE): Recipe(15, init="torch"),
 }
 
 
@@ -101,7 +109,7 @@ def recipe(model: str, method: str) -> Recipe:
     if (model, method) not in RECIPES:
         raise ValueError(
             f"No recipe for model {model!r} with method {method!r}. Models: {sorted(MODELS)}; "
-            f"methods: {sorted(METHODS)}."
+            f"methods: {list(TRAINABLE)}."
         )
     return RECIPES[model, method]
 
@@ -113,7 +121,7 @@ def layer_options(method: str) -> dict[str, Any]:
     here as soon as a layer accepts it.
     """
     options: dict[str, Any] = {}
-    for layer_cls in METHODS[method].values():
+    for layer_cls in METHODS.get(method, {}).values():  # the dense method has no options
         for klass in layer_cls.__mro__:
             if not issubclass(klass, SparseModule):
                 continue
@@ -142,7 +150,7 @@ def check_layer_options(method: str, layer: dict[str, Any], num_layers: int) -> 
         if key not in known:
             raise ValueError(
                 f"Unknown layer option {key!r} for method {method!r}. Valid options: "
-                f"{', '.join(sorted(known))}."
+                f"{', '.join(sorted(known)) or 'none'}."
             )
         values = value if isinstance(value, list) else [value]
         if isinstance(value, list) and len(value) != num_layers:
@@ -187,7 +195,7 @@ def weighted_layers(net: nn.Module) -> list[str]:
 
 
 def build_net(model: str, method: str, init: str = "paper", **layer_options: Any) -> nn.Module:
-    """A reference network with its layers made sparse.
+    """A reference network with its layers made sparse (plain for ``method="dense"``).
 
     A list value in ``layer_options`` gives one value per layer, in order (e.g.
     ``l0_lambda=[10, 0.5, 0.1, 10]``); any other value applies to every layer.
@@ -217,6 +225,8 @@ def build_net(model: str, method: str, init: str = "paper", **layer_options: Any
                     nn.init.zeros_(module.bias)
     names = weighted_layers(net)
     check_layer_options(method, layer_options, len(names))
+    if method == DENSE:
+        return net
     for i, layer_name in enumerate(names):
         options = {k: v[i] if isinstance(v, list) else v for k, v in layer_options.items()}
         to_sparse_(net, method, include=_named(layer_name), **options)
@@ -227,10 +237,13 @@ def _named(wanted: str) -> Callable[[str, nn.Module], bool]:
     return lambda name, _: name == wanted
 
 
-def kept_architecture(net: nn.Module, threshold: float | None = None) -> str:
+def kept_architecture(net: nn.Module, threshold: Any = None, **selection: Any) -> str:
     """Kept units in the papers' notation: output channels of each convolution, then input
-    units of each linear layer (e.g. 20-25-45-462 for LeNet-5-Caffe)."""
-    layers = sparsity_report(net, threshold)["layers"]
+    units of each linear layer (e.g. 20-25-45-462 for LeNet-5-Caffe).
+
+    ``threshold`` and ``selection`` (``sparsity``, ``scope``) choose the masks as for
+    :func:`~bayessparse.masks`."""
+    layers = sparsity_report(net, threshold, **selection)["layers"]
     units = [
         layers[name]["inputs_kept" if isinstance(module, nn.Linear) else "outputs_kept"]
         for name, module in sparse_modules(net)

@@ -377,3 +377,61 @@ def test_sigterm_ends_the_run_like_ctrl_c_and_the_run_resumes(tmp_path, mnist):
     result = cli("--epochs", "40", "--resume", "--out", out, data=mnist)
     assert result.returncode == 0, result.stderr
     assert f"resuming after epoch {done}" in result.stderr
+
+
+def test_evaluate_writes_sweep_metrics_ood_plots_and_the_exported_model(tmp_path, mnist):
+    out = tmp_path / "run"
+    result = cli(
+        "--epochs", "2", "--val-size", "100", "--sparsity", "0.9", "--out", out, data=mnist
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert "prune the 90.00% of weights" in report["selection"]
+    evaluate = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bayessparse",
+            "evaluate",
+            str(out),
+            "--ood-size",
+            "100",
+            "--num-samples",
+            "3",
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr
+    assert "OOD AUROC, monte_carlo, inverted" in evaluate.stdout
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert set(evaluation["test"]) == {"deterministic", "monte_carlo"}
+    assert [r["target_sparsity"] for r in evaluation["sweep"]][:2] == [0.0, 0.5]
+    assert evaluation["selection"] == {"sparsity": 0.9, "scope": "global"}
+    assert {"rotated_90", "inverted", "shuffled", "gaussian_noise"} <= set(
+        evaluation["ood"]["monte_carlo"]
+    )
+    assert {"sweep.png", "histograms.png", "reliability.png", "model.pt2"} <= {
+        p.name for p in out.iterdir()
+    }
+
+
+def test_evaluate_refuses_an_unfinished_run_and_train_a_too_large_validation_set(tmp_path, mnist):
+    (tmp_path / "empty").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "bayessparse", "evaluate", str(tmp_path / "empty")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_user_error(result, "not a finished run", "--resume --out")
+    assert_user_error(
+        cli("--val-size", "600", "--out", tmp_path / "r", data=mnist),
+        "validation size in [0, 599]",
+    )

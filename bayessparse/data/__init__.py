@@ -387,3 +387,28 @@ def preprocess(splits: dict[str, Split]) -> dict[str, Split]:
         name: Split(split.images / 256.0 - mean_image, split.labels)
         for name, split in splits.items()
     }
+
+
+def hold_out(split: Split, size: int, seed: int = 0) -> tuple[Split, Split]:
+    """Split off ``size`` random examples of ``split``: ``(the rest, the held-out ones)``.
+
+    The choice depends on ``seed`` only, so a run and its later evaluation hold out the
+    same examples. Hold validation data out of the *training* split, never the test set.
+
+    Raises:
+        ValueError: if ``size`` is negative or leaves no example to train on.
+    """
+    n = split.images.shape[0]
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < n:
+        raise ValueError(
+            f"Expected a validation size in [0, {n - 1}] for {n} training examples, got "
+            f"{size!r}."
+        )
+    if size == 0:  # nothing to copy
+        return split, Split(split.images[:0], split.labels[:0])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    rest, held = order[size:].sort().values, order[:size].sort().values
+    return (
+        Split(split.images[rest], split.labels[rest]),
+        Split(split.images[held], split.labels[held]),
+    )

@@ -1,0 +1,228 @@
+"""Evaluating a finished run: what to prune, how well the pruned net knows what it knows.
+
+:func:`evaluate_run` reads a run folder written by ``python -m bayessparse train`` and
+writes, next to its report: ``evaluation.json`` (the threshold sweep on the validation
+split, the keep-probability histograms' summary, test metrics of the deterministic masked
+network and of the masked posterior, OOD detection on offline OOD sets, the exported
+model's size and FLOPs), the plots (``sweep.png``, ``histograms.png``,
+``reliability.png``, when matplotlib is installed) and ``model.pt2``, the pruned and
+compacted network as a ``torch.export`` program.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bayessparse.data import Split, hold_out, load_mnist, preprocess
+from bayessparse.data.ood import ood_sets
+from bayessparse.export import export
+from bayessparse.infer import Prediction, predict
+from bayessparse.masks import masks
+from bayessparse.metrics import (
+    flops,
+    model_size,
+    ood_detection,
+    plot_reliability,
+    predict_logits,
+    predictive_entropy,
+    probability_report,
+)
+from bayessparse.recipes import DENSE, build_net
+from bayessparse.sweep import keep_prob_histograms, plot_keep_prob_histograms, plot_sweep, sweep
+from bayessparse.training.storage import atomic_write, to_strict_json
+
+EVALUATION = "evaluation.json"
+EXPORTED = "model.pt2"
+
+
+class RunError(ValueError):
+    """A run folder that cannot be evaluated (missing files, or not a finished run)."""
+
+
+def load_run(folder: str | Path) -> tuple[dict[str, Any], nn.Module]:
+    """The settings and trained network of a finished run.
+
+    Raises:
+        RunError: the folder has no report or model (the run has not finished).
+    """
+    folder = Path(folder)
+    for name in ("report.json", "model.pt"):
+        if not (folder / name).is_file():
+            raise RunError(
+                f"{folder} holds no {name}: not a finished run. Finish it with "
+                f"'python -m bayessparse train --resume --out {folder}'."
+            )
+    settings = json.loads((folder / "report.json").read_text())["settings"]
+    net = build_net(settings["model"], settings["method"], settings["init"], **settings["layer"])
+    net.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    return settings, net.eval()
+
+
+def selection_of(settings: dict[str, Any]) -> dict[str, Any]:
+    """The mask selection a run was reported with (``{}``: each layer's own rule)."""
+    return {
+        k: settings[k]
+        for k in ("threshold", "sparsity", "scope")
+        if settings.get(k) is not None and (k != "scope" or settings.get("sparsity") is not None)
+    }
+
+
+def evaluate_run(
+    folder: str | Path,
+    *,
+    num_samples: int = 20,
+    ood_size: int = 2000,
+    seed: int = 0,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a finished run and write the results next to it (module docstring).
+
+    Args:
+        folder: the run folder.
+        num_samples: Monte Carlo samples of the masked posterior (0: deterministic only).
+        ood_size: test images (and images of each OOD set) used for OOD detection.
+        seed: seeds the Monte Carlo samples and the OOD sets.
+        plots: write the plots (needs matplotlib).
+
+    Returns:
+        The contents of ``evaluation.json``.
+    """
+    folder = Path(folder)
+    settings, net = load_run(folder)
+    raw = load_mnist(settings.get("data_dir"))
+    data = preprocess(raw)
+    _, val = hold_out(data["train"], settings.get("val_size", 0), settings["seed"])
+    test = data["test"]
+    bayesian = settings["method"] != DENSE
+    selection = selection_of(settings)
+    chosen = masks(net, **selection) if bayesian else None
+    result: dict[str, Any] = {"run": str(folder), "selection": selection or "default rule"}
+
+    if bayesian and val.images.shape[0] > 0:
+        result["sweep"] = sweep(net, *val)
+    if bayesian:
+        histograms = keep_prob_histograms(net)
+        result["histograms"] = {
+            name: {k: h[k] for k in ("bimodality", "bimodal", "suggested_threshold")}
+            for name, h in histograms.items()
+        }
+
+    predictions = _predictions(net, test.images, chosen, num_samples, seed)
+    result["test"] = {
+        mode: probability_report(p.probs, test.labels) for mode, p in predictions.items()
+    }
+    result["ood"] = _ood(net, raw, predictions, chosen, num_samples, ood_size, seed)
+
+    exported = export(net, folder / EXPORTED, test.images[:2], **selection)
+    example = test.images[:1]
+    result["export"] = {
+        "path": str(exported.path),
+        "compacted": exported.compacted,
+        "flops": flops(exported.module, example),
+        "size": model_size(exported.module),
+        "dense_flops": flops(build_net(settings["model"], DENSE), example)["dense"],
+    }
+    atomic_write(folder / EVALUATION, to_strict_json(result).encode())
+    if plots:
+        result["plots"] = _plots(
+            folder, result, histograms if bayesian else None, predictions, test.labels
+        )
+    return result
+
+
+def _predictions(
+    net: nn.Module,
+    images: Tensor,
+    chosen: dict[str, Tensor] | None,
+    num_samples: int,
+    seed: int,
+) -> dict[str, Prediction]:
+    """The deterministic masked network's predictive, and the masked posterior's."""
+    if chosen is None:  # a dense network: deterministic only
+        probs = predict_logits(net, images).softmax(-1)
+        zero = torch.zeros(probs.shape[0], dtype=torch.float64)
+        return {"deterministic": Prediction(probs, predictive_entropy(probs), zero, 0)}
+    out = {"deterministic": predict(net, images, num_samples=0, masks=chosen)}
+    if num_samples > 0:
+        out["monte_carlo"] = predict(net, images, num_samples=num_samples, masks=chosen, seed=seed)
+    return out
+
+
+def _scores(prediction: Prediction) -> dict[str, Tensor]:
+    """Uncertainty scores, higher meaning more likely out of distribution."""
+    scores = {
+        "max_prob": 1 - prediction.probs.max(-1).values.double(),
+        "entropy": prediction.entropy.double(),
+    }
+    if prediction.num_samples > 1:
+        scores["mutual_information"] = prediction.mutual_information.double()
+    return scores
+
+
+def _ood(
+    net: nn.Module,
+    raw: dict[str, Split],
+    predictions: dict[str, Prediction],
+    chosen: dict[str, Tensor] | None,
+    num_samples: int,
+    size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """OOD detection (AUROC, AUPR, FPR at 95 % TPR) of every score on every OOD set."""
+    images = raw["test"].images[:size]
+    sets = ood_sets(images, seed=seed)
+    # The same preprocessing as the data: pixels / 256 minus the mean training image.
+    fake = torch.zeros(size, dtype=torch.long)
+    prepared = preprocess({"train": raw["train"], **{k: Split(v, fake) for k, v in sets.items()}})
+    out: dict[str, Any] = {}
+    for mode, in_pred in predictions.items():
+        inside = {k: v[:size] for k, v in _scores(_head(in_pred, size)).items()}
+        samples = num_samples if mode == "monte_carlo" else 0
+        for name in sets:
+            x = prepared[name].images
+            if chosen is None:
+                probs = predict_logits(net, x).softmax(-1)
+                zero = torch.zeros(probs.shape[0], dtype=torch.float64)
+                pred = Prediction(probs, predictive_entropy(probs), zero, 0)
+            else:
+                pred = predict(net, x, num_samples=samples, masks=chosen, seed=seed)
+            outside = _scores(pred)
+            out.setdefault(mode, {})[name] = {
+                score: ood_detection(inside[score], outside[score]) for score in outside
+            }
+    return out
+
+
+def _head(prediction: Prediction, n: int) -> Prediction:
+    return Prediction(
+        prediction.probs[:n],
+        prediction.entropy[:n],
+        prediction.mutual_information[:n],
+        prediction.num_samples,
+    )
+
+
+def _plots(
+    folder: Path,
+    result: dict[str, Any],
+    histograms: dict[str, Any] | None,
+    predictions: dict[str, Prediction],
+    labels: Tensor,
+) -> list[str]:
+    written = []
+    if "sweep" in result:
+        plot_sweep(result["sweep"], folder / "sweep.png")
+        written.append("sweep.png")
+    if histograms is not None:
+        plot_keep_prob_histograms(histograms, folder / "histograms.png")
+        written.append("histograms.png")
+    best = predictions.get("monte_carlo", predictions["deterministic"])
+    figure: Any = plot_reliability(best.probs, labels).figure
+    figure.savefig(folder / "reliability.png", dpi=120)
+    written.append("reliability.png")
+    return written
