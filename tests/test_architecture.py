@@ -1,7 +1,8 @@
 """The import rules that keep the architecture easy to see (README, Layout).
 
 Each rule names a part of the package and the modules it must never import, directly:
-the mask currency, FLOPs and metrics stay torch-only, the layers know nothing of
+the mask currency, FLOPs, metrics and the compaction of plain networks stay torch-only,
+the layers know nothing of
 training or the command line, and only the command line prints.
 """
 
@@ -17,6 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "bayessparse"
 # (files, forbidden import prefixes, why)
 RULES = [
     (["sparsity/*.py", "metrics.py"], ["pyro", "bayessparse"], "torch-only"),
+    # compaction/__init__.py is the Bayesian entry (compact: to_dense, then the rest).
+    (["compaction/[!_]*.py"], ["pyro", "bayessparse"], "torch-only compaction"),
     (
         ["nn/*.py", "distributions/*.py"],
         ["bayessparse.training", "bayessparse.cli", "bayessparse.recipes", "bayessparse.sweep"],
@@ -51,7 +54,9 @@ def test_import_rules(patterns, forbidden, why):
             for name in imports(path)
             if any(name == f or name.startswith(f + ".") for f in forbidden)
             # the torch-only parts may import each other
-            and not name.startswith(("bayessparse.sparsity", "bayessparse.metrics"))
+            and not name.startswith(
+                ("bayessparse.sparsity", "bayessparse.metrics", "bayessparse.compaction.")
+            )
         )
         assert not bad, f"{path.relative_to(PACKAGE)} imports {bad} ({why})"
 

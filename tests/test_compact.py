@@ -12,6 +12,7 @@ from torch.nn.utils import prune
 import bayessparse as bs
 from bayessparse import compact
 from bayessparse.cli import kept_architecture
+from bayessparse.compaction import compact_pruned
 from bayessparse.metrics import flops
 from bayessparse.models import LeNet5Caffe, LeNet300100
 
@@ -92,21 +93,43 @@ def test_weight_level_sparsity_removes_dead_units():
     assert torch.allclose(small(x), net(x), rtol=1e-12, atol=1e-12)
 
 
-def test_units_with_a_bias_but_no_inputs_are_kept():
+def test_units_with_a_bias_but_no_inputs_are_folded_into_the_next_bias():
     net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
     with torch.no_grad():
         net[0].weight[1] = 0.0  # unit 1 outputs relu(bias), a constant the next layer reads
+        net[0].bias[1] = 0.5
     small = compact(net)
-    assert small[0].out_features == 3
+    assert small[0].out_features == 2 and small[2].in_features == 2
+    assert torch.allclose(small[2].bias, net[2].bias + 0.5 * net[2].weight[:, 1])
     x = torch.randn(3, 4, dtype=torch.float64)
     assert torch.allclose(small(x), net(x), rtol=1e-12, atol=1e-12)
 
 
-def test_unsupported_networks_are_refused_clearly():
-    with pytest.raises(TypeError, match="nn.Sequential"):
-        compact(nn.Linear(3, 2))
-    with pytest.raises(TypeError, match="BatchNorm1d"):
-        compact(nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)))
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if x.sum() > 0 else self.b(x)  # control flow on a value
+
+
+def test_networks_that_cannot_be_compacted_are_refused_clearly():
+    with pytest.raises(TypeError, match=r"torch.fx can trace, got Branchy.*control flow"):
+        compact(Branchy())
+    sparse = bs.to_sparse_(LeNet300100())
+    with pytest.raises(TypeError, match=r"Bayesian sparse layer '1'.*bayessparse.compact"):
+        compact_pruned(sparse)
+
+
+def test_a_bare_layer_compacts_to_a_sequential():
+    layer = nn.Linear(5, 2).double()
+    with torch.no_grad():
+        layer.weight[:, [1, 3]] = 0.0
+    small = compact(layer)
+    assert isinstance(small, nn.Sequential) and small[1].in_features == 3
+    x = torch.randn(4, 5, dtype=torch.float64)
+    assert torch.allclose(small(x), layer(x), rtol=1e-12, atol=1e-12)
 
 
 def pruned_sparse_vd(net: nn.Module, closed: set[str]) -> nn.Module:
