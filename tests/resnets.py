@@ -129,7 +129,7 @@ def randomise_batch_norms_(net: nn.Module, generator: torch.Generator | None = N
     closed channel's constant ``β − γ·μ/σ`` after it is not 0 (of either sign)."""
     with torch.no_grad():
         for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
                 n, dtype = m.num_features, m.running_mean.dtype
                 m.running_mean.copy_(torch.randn(n, generator=generator, dtype=dtype))
                 m.running_var.copy_(torch.rand(n, generator=generator, dtype=dtype) + 0.5)

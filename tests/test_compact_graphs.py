@@ -3,6 +3,7 @@ skip-joined channels, dead inputs, networks in torch.nn.utils.prune format, expo
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from resnets import SmallResNet, randomise_batch_norms_, resnet18
@@ -185,6 +186,30 @@ def test_a_convolution_without_bias_gains_one_to_take_a_constant():
     small = compact_pruned(net)
     assert small[3].bias is not None and small[3].in_channels == 3
     assert_same_function(small, net, torch.randn(2, 2, 8, 8, dtype=torch.float64))
+
+
+ONE_DIMENSIONAL = {
+    "conv1d": lambda: nn.Sequential(
+        nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 3)
+    ),
+    "linear": lambda: nn.Sequential(
+        nn.Flatten(), nn.Linear(8, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(ONE_DIMENSIONAL))
+def test_batch_norm_1d_after_a_conv1d_or_a_linear_layer(kind):
+    torch.manual_seed(0)
+    net = ONE_DIMENSIONAL[kind]().double().eval()
+    randomise_batch_norms_(net)
+    layer, norm = (net[0], net[1]) if kind == "conv1d" else (net[1], net[2])
+    with torch.no_grad():
+        layer.weight[1] = 0.0  # a closed unit: its bias, normed, then folded
+    small = compact_pruned(net)
+    assert_same_function(small, net, torch.randn(5, 2, 8 if kind == "conv1d" else 4).double())
+    small_norm = small[1] if kind == "conv1d" else small[2]
+    assert small_norm.num_features == 3 and norm.num_features == 4
 
 
 # --- Dead inputs -------------------------------------------------------------------------

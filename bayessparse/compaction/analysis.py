@@ -54,7 +54,6 @@ from bayessparse.compaction.ops import (
     Units,
     avg_pool_keeps_uniform,
     call,
-    columns,
     flattens_from_1,
     identity,
     is_number,
@@ -429,9 +428,8 @@ class Analysis:
 
 def _live(layer: LayerStep, rows: Tensor) -> Tensor:
     """Input units that ``rows`` of the layer read and that its bias cannot absorb."""
-    assert layer.foldable is not None  # set by the constants pass
-    weight = layer.module.weight.detach()
-    reads = columns(weight)[rows.to(weight.device)].any(0)
+    assert layer.foldable is not None and layer.reads is not None  # set by the constants pass
+    reads = layer.reads[rows.to(layer.reads.device)].any(0)
     return (reads & ~layer.foldable).cpu()
 
 

@@ -251,6 +251,7 @@ class LayerStep(Step):
     own_input: bool  # False: the input's units are another axis; a fresh fixed space
     foldable: Tensor | None = None  # per input unit: a constant the bias can take
     in_value: Tensor | None = None  # the input constants, 0 elsewhere
+    reads: Tensor | None = None  # (out, in): weight[o, u] != 0 somewhere in its kernel
 
     def constants(self, units: dict[fx.Node, Units], spaces: Spaces) -> None:
         weight = self.module.weight.detach()
@@ -261,8 +262,8 @@ class LayerStep(Step):
             value = torch.zeros(n_in, dtype=weight.dtype, device=weight.device)
         self.foldable = const & (value.eq(0) | keeps_uniform(self.module))
         self.in_value = torch.where(self.foldable, value, torch.zeros_like(value))
-        reads = columns(weight)  # (out, in): weight[o, u] != 0 somewhere in its kernel
-        out_const = ~(reads & ~self.foldable).any(1)
+        self.reads = columns(weight)
+        out_const = ~(self.reads & ~self.foldable).any(1)
         bias = self.module.bias
         out_value = kernel_sums(weight) @ self.in_value
         if bias is not None:
