@@ -23,7 +23,7 @@ from bayessparse.infer import predict
 from bayessparse.masks import masks, sparsity_report
 from bayessparse.metrics import probability_report
 
-DEFAULT_SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99)
+DEFAULT_SPARSITIES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.985, 0.99, 0.995)
 # Sarle's bimodality coefficient of a uniform distribution; above it, two modes are likely.
 BIMODAL = 5 / 9
 # keep_prob is 1/(1+alpha) for Gaussian layers; log-odds beyond +-16 are numerically flat.
