@@ -5,7 +5,8 @@ with the KL of :func:`kl` and a :class:`SparseGuide` (empty unless a layer has l
 sites, like the horseshoe scales), then threshold the posterior into a
 deterministic pruned network (:func:`masks`, :func:`to_dense`, :func:`sparsity_report`)
 or a physically smaller one (:func:`compact`), by threshold or to a target sparsity
-(:mod:`bayessparse.sparsity`).
+(:mod:`bayessparse.sparsity`). :func:`predict` samples the masked posterior, and
+:func:`export` writes the pruned network as a file that torch alone can run.
 """
 
 from bayessparse import distributions, nn, sparsity
@@ -20,7 +21,8 @@ from bayessparse.infer import (
     predict,
     project_,
 )
-from bayessparse.masks import masks, sparsity_report, to_dense
+from bayessparse.export import export
+from bayessparse.masks import keep_probs, masks, sparsity_report, to_dense
 from bayessparse.nn import SparseModule
 
 __version__ = "0.1.0"
@@ -34,6 +36,8 @@ __all__ = [
     "__version__",
     "compact",
     "distributions",
+    "export",
+    "keep_probs",
     "kl",
     "masks",
     "nn",

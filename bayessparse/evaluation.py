@@ -22,7 +22,7 @@ from bayessparse.data import Split, hold_out, load_mnist, preprocess
 from bayessparse.data.ood import ood_sets
 from bayessparse.export import export
 from bayessparse.infer import Prediction, predict
-from bayessparse.masks import masks
+from bayessparse.masks import keep_probs, masks
 from bayessparse.metrics import (
     flops,
     model_size,
@@ -127,6 +127,10 @@ def evaluate_run(
         "size": model_size(exported.module),
         "dense_flops": flops(build_net(settings["model"], DENSE), example)["dense"],
     }
+    if bayesian:  # multiply-adds of the masked net, and expected ones from keep-probabilities
+        result["export"]["expected_flops"] = flops(
+            net, example, masks=chosen, keep_probs=keep_probs(net)
+        )["expected"]
     atomic_write(folder / EVALUATION, to_strict_json(result).encode())
     if plots:
         result["plots"] = _plots(

@@ -468,3 +468,15 @@ def _selection(
         "sparsity": None if sparsity is None else float(sparsity),
         "scope": None if sparsity is None else scope,
     }
+
+
+def keep_probs(net: nn.Module) -> dict[str, Tensor]:
+    """Each sparse layer's ``keep_prob()``, keyed like ``state_dict`` (``"0.weight"``).
+
+    The probability that a weight is kept (per weight, or per unit for unit-gating
+    families, broadcastable to the weight), without gradient: what
+    :func:`bayessparse.metrics.flops` weighs its ``expected`` count by.
+    """
+    return {
+        _key(name, "weight"): module.keep_prob().detach() for name, module in sparse_modules(net)
+    }

@@ -178,3 +178,21 @@ def test_to_dense_builds_each_layer_as_the_layers_own_to_dense(method):
         built = dense.get_submodule(name).state_dict()
         assert list(own) == list(built), name
         assert all(torch.equal(own[k], built[k]) for k in own), name
+
+
+def test_keep_probs_give_the_expected_flops():
+    from bayessparse.masks import keep_probs
+    from bayessparse.metrics import flops
+
+    torch.manual_seed(0)
+    net = bs.to_sparse_(
+        nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)), "l0", gate="input"
+    )
+    probs = keep_probs(net)
+    assert set(probs) == {"0.weight", "2.weight"}
+    x = torch.randn(2, 6)
+    counts = flops(net, x, keep_probs=probs)
+    # Input gates: each of the 4 x 6 and 3 x 4 weights is kept with its input's probability.
+    by_hand = float(4 * probs["0.weight"].sum() + 3 * probs["2.weight"].sum())
+    assert counts["expected"] == pytest.approx(by_hand, rel=1e-6)
+    assert counts["dense"] == 4 * 6 + 3 * 4
