@@ -12,6 +12,7 @@ or a physically smaller one (:func:`compact`), by threshold or to a target spars
 from bayessparse import distributions, nn, sparsity
 from bayessparse.compaction import compact
 from bayessparse.convert import sparse_modules, to_sparse_
+from bayessparse.export import export
 from bayessparse.infer import (
     EmptyGuide,
     JointOptim,
@@ -21,7 +22,6 @@ from bayessparse.infer import (
     predict,
     project_,
 )
-from bayessparse.export import export
 from bayessparse.masks import keep_probs, masks, sparsity_report, to_dense
 from bayessparse.nn import SparseModule
 
