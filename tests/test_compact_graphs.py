@@ -212,6 +212,38 @@ def test_batch_norm_1d_after_a_conv1d_or_a_linear_layer(kind):
     assert small_norm.num_features == 3 and norm.num_features == 4
 
 
+class ViewLeNet5(LeNet5Caffe):
+    """LeNet-5-Caffe flattening with ``x.view(x.size(0), -1)``, as older code does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, module in enumerate(self):
+            x = x.view(x.size(0), -1) if i == 6 else module(x)
+        return x
+
+
+def test_view_of_the_batch_size_then_minus_one_is_a_flatten():
+    torch.manual_seed(0)
+    net = ViewLeNet5().double()
+    with torch.no_grad():
+        net[3].weight[10:] = 0.0  # 40 of conv2's 50 channels closed
+        net[3].bias[10:] = -1.0  # relu(-1) = 0 after them
+    small = compact_pruned(net.eval())
+    assert small.get_submodule("3").out_channels == 10
+    assert small.get_submodule("7").in_features == 10 * 16
+    assert_same_function(small, net, torch.randn(3, 1, 28, 28, dtype=torch.float64))
+
+
+def test_batch_norm_1d_on_a_linear_output_of_unknown_rank_is_left_whole():
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 2))
+    net = net.double().eval()
+    randomise_batch_norms_(net)
+    with torch.no_grad():
+        net[0].weight[1] = 0.0  # constant, but the input could be (N, C, 4)
+    small = compact_pruned(net)
+    assert small[1].num_features == 3
+    assert_same_function(small, net, torch.randn(5, 4, dtype=torch.float64))
+
+
 # --- Dead inputs -------------------------------------------------------------------------
 
 
@@ -346,6 +378,39 @@ def test_in_place_operations_are_followed():
         net.a.bias[2] = -0.5  # unit 2 is -0.5 for b, relu(-0.5) = 0 for c
     small = compact_pruned(net)
     assert small.a.out_features == 3
+    assert_same_function(small, net, torch.randn(5, 3, dtype=torch.float64))
+
+
+class Aliased(nn.Module):
+    """In-place changes through a view, and by operations the analysis does not know."""
+
+    def __init__(self, change: str) -> None:
+        super().__init__()
+        self.change = change
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        before = self.b(h)
+        if self.change == "view":
+            h.view(h.size(0), -1).relu_()  # changes h through a view
+        elif self.change == "identity":
+            F.relu(nn.functional.dropout(h, training=False), inplace=True)
+        elif self.change == "clamp_":
+            h.clamp_(min=0.25)
+        else:
+            h.mul_(2.0)
+        return before + self.c(h)
+
+
+@pytest.mark.parametrize("change", ["view", "identity", "clamp_", "mul_"])
+def test_constants_changed_in_place_through_aliases_are_not_folded_stale(change):
+    torch.manual_seed(0)
+    net = Aliased(change).double().eval()
+    with torch.no_grad():
+        net.a.weight[2] = 0.0
+        net.a.bias[2] = -0.5  # unit 2: -0.5 for b; relu'd, clamped or doubled for c
+    small = compact_pruned(net)
     assert_same_function(small, net, torch.randn(5, 3, dtype=torch.float64))
 
 

@@ -107,13 +107,37 @@ class Analysis:
         self.spaces = Spaces()
         self.units: dict[fx.Node, Units] = {}
         self.steps: list[Step] = []
+        # Inputs whose memory a node's output may share (views, the identity, in-place
+        # ops), and inputs it may change in place: constants of a changed tensor, and of
+        # every tensor sharing its memory, are forgotten from there on.
+        self._aliases: dict[fx.Node, tuple[fx.Node, ...]] = {}
+        self._changes: dict[fx.Node, tuple[fx.Node, ...]] = {}
         # A module called at several places could not be cut for each of them alike.
         self._calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
         for node in graph.nodes:
             self._structure(node)
         self._check_flattens()
+        self._constants()
+
+    # --- Pass 2: constants ----------------------------------------------------------------
+
+    def _constants(self) -> None:
+        """Each step's constants, in execution order, forgetting those changed in place."""
+        shared: dict[fx.Node, set[fx.Node]] = {}  # node -> the nodes sharing its memory
         for step in self.steps:
+            node = step.node
             step.constants(self.units, self.spaces)
+            for changed in self._changes.get(node, ()):
+                for other in shared.get(changed, {changed}):
+                    if other in self.units:
+                        self.units[other].const = None
+                if isinstance(step, (MapStep, JoinStep)) and step.in_place:
+                    # The changed tensor now holds the output, exactly.
+                    source, out = self.units[changed], self.units[node]
+                    source.const, source.value = out.const, out.value
+            group = {node}.union(*(shared.get(a, {a}) for a in self._aliases.get(node, ())))
+            for member in group:
+                shared[member] = group
 
     # --- Pass 1: structure --------------------------------------------------------------
 
@@ -135,6 +159,8 @@ class Analysis:
     def _opaque(self, node: fx.Node) -> Step:
         for source in node.all_input_nodes:
             self._fix(source)
+        # It may return a view of its inputs, or change them in place: assume it does.
+        self._aliases[node] = self._changes[node] = tuple(node.all_input_nodes)
         self.units[node] = Units(self.spaces.new(fixed=True), None, None)
         return Opaque(node)
 
@@ -158,8 +184,8 @@ class Analysis:
         if kind in ACTIVATIONS:
             in_place = bool(getattr(module, "inplace", False))
             return self._map(node, source, module_fn(module), in_place=in_place)
-        if kind in IDENTITIES:
-            return self._map(node, source, identity)
+        if kind in IDENTITIES:  # they return their input itself
+            return self._map(node, source, identity, alias=True)
         if kind in UNIFORM_POOLS:
             return self._map(node, source, identity)
         if kind in AVG_POOLS:
@@ -192,7 +218,8 @@ class Analysis:
         if target in ACTIVATION_FUNCTIONS or target in ACTIVATION_METHODS:
             # torch passes ``inplace`` of F.relu and the like as a keyword.
             in_place = bool(kwargs.pop("inplace", False)) or str(target).endswith("_")
-            return self._map(node, source, call(target, rest, kwargs), in_place=in_place)
+            fn = call(target, rest, kwargs)
+            return self._map(node, source, fn, alias=target == "contiguous", in_place=in_place)
         if target in UNIFORM_POOL_FUNCTIONS:
             return self._map(node, source, identity)
         if target in (torch.flatten, "flatten") and flattens_from_1(rest, kwargs):
@@ -232,8 +259,10 @@ class Analysis:
 
     def _norm(self, node: fx.Node, module: Any, source: fx.Node) -> Step:
         units = self.units[source]
-        dims = {nn.BatchNorm1d: (-1, -2), nn.BatchNorm2d: (-3,), nn.BatchNorm3d: (-4,)}
-        if units.axis not in dims[type(module)]:
+        # Batch norm normalises dim 1: the last one only for (N, C) input.
+        axis_rank = {nn.BatchNorm1d: {(-1, 2), (-2, 3)}, nn.BatchNorm2d: {(-3, 4)}}
+        allowed = axis_rank.get(type(module), {(-4, 5)})
+        if (units.axis, units.rank) not in allowed:
             return self._opaque(node)
         self.spaces.set_size(units.space, module.num_features)
         self.units[node] = Units(units.space, units.axis, units.rank)
@@ -246,10 +275,15 @@ class Analysis:
         fn: Callable[[Tensor], Tensor],
         *,
         uniform: bool = True,
+        alias: bool = False,
         in_place: bool = False,
     ) -> Step:
         units = self.units[source]
         self.units[node] = Units(units.space, units.axis, units.rank)
+        if alias or in_place:
+            self._aliases[node] = (source,)
+        if in_place:
+            self._changes[node] = (source,)
         return MapStep(node, source, fn, uniform, in_place)
 
     def _scalar(
@@ -279,12 +313,15 @@ class Analysis:
         rank = None if None in (a.rank, b.rank) else max(a.rank or 0, b.rank or 0)
         self.units[node] = Units(space, a.axis, rank)
         in_place = target in IN_PLACE_FUNCTIONS or str(target).endswith("_")
+        if in_place:
+            self._aliases[node] = self._changes[node] = (left,)
         return JoinStep(node, left, right, fn, in_place)
 
     def _flatten(self, node: fx.Node, source: fx.Node) -> Step:
         units = self.units[source]
+        self._aliases[node] = (source,)  # a view where it can be
         if units.rank == 2 and units.axis == -1:  # already flat: the identity
-            return self._map(node, source, identity)
+            return self._map(node, source, identity, alias=True)
         if units.axis is None or units.rank is None or units.rank + units.axis != 1:
             # Features of unknown origin: a fixed space, though flat (readers may select).
             self._fix(source)

@@ -327,9 +327,6 @@ class MapStep(Step):
                 const = const & value.eq(0)
             mapped = self.fn(value)
             out.const, out.value = const, torch.where(const, mapped, torch.zeros_like(mapped))
-        if self.in_place:  # the input tensor holds the output from here on
-            source = units[self.source]
-            source.const, source.value = out.const, out.value
 
 
 @dataclass
@@ -352,9 +349,6 @@ class JoinStep(Step):
         else:
             const, joined = const_a & const_b, self.fn(value_a, value_b)
             out.const, out.value = const, torch.where(const, joined, torch.zeros_like(joined))
-        if self.in_place:
-            left = units[self.left]
-            left.const, left.value = out.const, out.value
 
 
 @dataclass

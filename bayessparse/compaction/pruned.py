@@ -138,9 +138,9 @@ def _trace(root: nn.Module) -> fx.Graph:
     except Exception as err:  # torch.fx raises many types; any means "cannot trace"
         raise TypeError(
             f"Expected a network that torch.fx can trace, got {type(root).__name__}, which "
-            f"fails: {type(err).__name__}: {err}. Python control flow on tensor values "
-            "cannot be traced; use to_dense(net, bake=True) for a pruned network of the "
-            "original shape instead."
+            f"fails: {type(err).__name__}: {err}. Python control flow on tensor values and "
+            "item assignment cannot be traced; use to_dense(net, bake=True) for a pruned "
+            "network of the original shape instead."
         ) from err
 
 
