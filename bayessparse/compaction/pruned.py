@@ -184,7 +184,8 @@ def _apply(module: fx.GraphModule, plan: Any) -> None:
         _cut_layer(layer, layer_plan)
         if layer_plan.select is not None:
             dim = -1 if isinstance(layer, nn.Linear) else -(layer.weight.dim() - 1)
-            _insert_select(module, node, Select(dim, layer_plan.select))
+            index = layer_plan.select.to(layer.weight.device)
+            _insert_select(module, node, Select(dim, index))
     for node, kept in plan.norms.items():
         _cut_norm(module.get_submodule(str(node.target)), kept)
     module.graph.lint()
@@ -203,10 +204,11 @@ def _cut_layer(layer: Any, plan: LayerPlan) -> None:
     bias = None if layer.bias is None else layer.bias.detach()[rows].clone()
     if plan.fold is not None and (bias is not None or plan.fold.any()):
         bias = plan.fold.clone() if bias is None else bias + plan.fold
+    grad = layer.weight.requires_grad
     if bias is not None:
         bias[plan.zero_rows.to(weight.device)] = 0
-        layer.bias = nn.Parameter(bias)
-    layer.weight = nn.Parameter(new_weight)
+        layer.bias = nn.Parameter(bias, requires_grad=grad)
+    layer.weight = nn.Parameter(new_weight, requires_grad=grad)
     n_out, n_in = new_weight.shape[:2]
     if isinstance(layer, nn.Linear):
         layer.in_features, layer.out_features = n_in, n_out
@@ -220,7 +222,8 @@ def _cut_norm(norm: Any, kept: Tensor) -> None:
     for name in ("weight", "bias"):
         param = getattr(norm, name)
         if param is not None:
-            setattr(norm, name, nn.Parameter(param.detach()[kept].clone()))
+            cut = param.detach()[kept].clone()
+            setattr(norm, name, nn.Parameter(cut, requires_grad=param.requires_grad))
     norm.running_mean = norm.running_mean[kept].clone()
     norm.running_var = norm.running_var[kept].clone()
     norm.num_features = int(kept.sum())
