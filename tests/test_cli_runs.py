@@ -257,15 +257,15 @@ def test_everything_pruned_gives_strict_json_and_a_plain_report(tmp_path, mnist)
 
 @pytest.mark.parametrize("model", ["lenet300", "lenet5"])
 def test_every_method_has_a_recipe_that_runs(tmp_path, mnist, model):
-    from bayessparse.convert import METHODS
-    from bayessparse.recipes import RECIPES
+    from bayessparse.recipes import RECIPES, TRAINABLE
 
-    assert {m for (mod, m) in RECIPES if mod == model} == set(METHODS)
+    assert {m for (mod, m) in RECIPES if mod == model} == set(TRAINABLE)
     if model == "lenet300":  # one epoch of the relaxed spike-and-slab, which had none
-        result = cli(
-            "--method", "spike_slab", "--epochs", "1", "--out", tmp_path / "r", data=mnist
-        )
-        assert result.returncode == 0, result.stderr
+        for method in ("spike_slab", "dense"):
+            result = cli(
+                "--method", method, "--epochs", "1", "--out", tmp_path / method, data=mnist
+            )
+            assert result.returncode == 0, result.stderr
 
 
 def test_help_is_plain_text_and_names_each_recipe_length():
