@@ -95,9 +95,8 @@ def main() -> None:
             for layout in layouts:
                 times[layout].append(time_ms(fns[layout], x, reps))
         medians = {layout: statistics.median(ts) for layout, ts in times.items()}
-        line = "  ".join(
-            f"{layout} {ms:.4f} ms ({medians['dense'] / ms:.2f}x)" for layout, ms in medians.items()
-        )
+        dense = medians["dense"]
+        line = "  ".join(f"{k} {ms:.4f} ms ({dense / ms:.2f}x)" for k, ms in medians.items())
         print(f"batch {batch:3d}: {line}")
 
 

@@ -401,8 +401,7 @@ def hold_out(split: Split, size: int, seed: int = 0) -> tuple[Split, Split]:
     n = split.images.shape[0]
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < n:
         raise ValueError(
-            f"Expected a validation size in [0, {n - 1}] for {n} training examples, got "
-            f"{size!r}."
+            f"Expected a validation size in [0, {n - 1}] for {n} training examples, got {size!r}."
         )
     if size == 0:  # nothing to copy
         return split, Split(split.images[:0], split.labels[:0])
