@@ -16,13 +16,13 @@ arguments, and the masks of one selection are the same in all of them:
   one weight (sparse VD, L0 weight gates) or a whole unit (the group families and L0's
   input and output gates), which is pruned whole. The target is T = round(sparsity · N)
   of the N weights in scope. Scores are sorted ascending, ties broken by position (layers
-  in ``named_modules`` order, then the row-major index of the score), and the shortest
-  prefix of that order that brings the pruned weights to at least T is pruned, weights
-  pruned for good (:meth:`~bayessparse.nn.SparseModule.prune_`) counting as pruned
-  already (if they reach T, nothing more is pruned). So per-weight scores hit T exactly,
-  ties or not, within 1/(2N) of ``sparsity``; unit scores prune at least T weights and
-  overshoot by less than one unit's weights (in ``scope="layer"``, a sparsity above
-  1 − 1/units prunes a layer whole). :func:`sparsity_report` gives the achieved sparsity.
+  in ``named_modules`` order, then the row-major index of the score), and the prefix of
+  that order that brings the pruned weights closest to T is pruned, weights pruned for
+  good (:meth:`~bayessparse.nn.SparseModule.prune_`) counting as pruned already (if they
+  reach T, nothing more is pruned). So per-weight scores hit T exactly, ties or not,
+  within 1/(2N) of ``sparsity``; unit scores prune whole units, at most half a unit's
+  weights from T (in ``scope="layer"``, a small layer's units are coarse: LeNet-5's
+  conv1 has 20 of 25 weights each). :func:`sparsity_report` gives the achieved sparsity.
   A weight tensor shared by several layers counts once where its layers score it alike (a
   shared per-weight posterior); layers that gate a shared weight by their own units each
   count it. Biases are never counted. The rule is :func:`bayessparse.sparsity.select`'s.

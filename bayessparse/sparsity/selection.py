@@ -14,12 +14,12 @@ all of them. Scores are higher-is-kept. There are two ways to select:
   in each tensor (``scope="layer"``). Let N be the number of weights in scope and F the
   number already pruned for good (:attr:`Scores.fixed`). The target is T = round(s·N)
   pruned weights. Scores are sorted ascending, ties broken by position (tensors in the
-  mapping's order, then the row-major index of the score), and the shortest prefix of
-  that order whose weights not yet pruned number at least T − F is pruned (nothing if
-  F ≥ T). With one score per weight this prunes exactly T weights, ties or not, so the
-  achieved sparsity is within 1/(2N) of ``s``. With one score per unit, whole units are
-  pruned: at least T weights, overshooting by less than the largest unit's weight
-  count. Biases are not counted.
+  mapping's order, then the row-major index of the score), and the prefix of that order
+  whose weights not yet pruned come closest to T − F is pruned (nothing if F ≥ T; of two
+  equally close, the longer). With one score per weight this prunes exactly T weights,
+  ties or not, so the achieved sparsity is within 1/(2N) of ``s``. With one score per
+  unit, whole units are pruned, at most half a unit's weights from T. Biases are not
+  counted.
 """
 
 from __future__ import annotations
@@ -266,6 +266,12 @@ def _prune_lowest(scores: Mapping[str, Scores], sparsity: float) -> dict[str, Te
         order = values.sort(stable=True).indices
         reached = alive[order].cumsum(0)
         stop = int(torch.searchsorted(reached, reached.new_tensor([need]))[0]) + 1
+        # Units prune many weights at once: stop at the unit boundary nearest the target
+        # (at most half a unit away; per-weight scores hit it exactly).
+        over = int(reached[stop - 1]) - need
+        under = need - (int(reached[stop - 2]) if stop >= 2 else 0)
+        if under < over:
+            stop -= 1
         kept[order[:stop]] = False
     parts = kept.split([scores[n].values.numel() for n in names])
     return {
