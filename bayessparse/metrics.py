@@ -290,12 +290,12 @@ def mutual_information(samples: Tensor) -> Tensor:
     Returns:
         float64 tensor (N,) in nats, in ``[0, log C]``; 0 where the samples agree.
     """
-    if not isinstance(samples, Tensor) or samples.ndim != 3:
-        shape = tuple(samples.shape) if isinstance(samples, Tensor) else type(samples).__name__
-        raise ValueError(
-            f"Expected samples of shape (S, N, C), got {shape!r}. Stack the probabilities of "
-            "S posterior samples with torch.stack(list_of_NxC_probs)."
-        )
+    _check_ndim(
+        samples,
+        3,
+        "samples of shape (S, N, C)",
+        "Stack the probabilities of S posterior samples with torch.stack(list_of_NxC_probs).",
+    )
     samples = _check_probs(samples, "samples", min_ndim=3)
     info = _entropy(samples.mean(0)) - _entropy(samples).mean(0)
     # Jensen: I >= 0 exactly; rounding leaves tiny negatives (~1e-16) where samples agree.
@@ -586,13 +586,19 @@ def _check_probs(probs: Tensor, what: str, min_ndim: int) -> Tensor:
     return probs
 
 
+def _check_ndim(value: Any, ndim: int, expected: str, fix: str) -> None:
+    if not isinstance(value, Tensor) or value.ndim != ndim:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"Expected {expected}, got {shape!r}. {fix}")
+
+
 def _check_probs_and_labels(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    if not isinstance(probs, Tensor) or probs.ndim != 2:
-        shape = tuple(probs.shape) if isinstance(probs, Tensor) else type(probs).__name__
-        raise ValueError(
-            f"Expected probs of shape (N, C), got {shape!r}. Average Monte Carlo samples "
-            "(S, N, C) over their first dimension first."
-        )
+    _check_ndim(
+        probs,
+        2,
+        "probs of shape (N, C)",
+        "Average Monte Carlo samples (S, N, C) over their first dimension first.",
+    )
     probs = _check_probs(probs, "probs", min_ndim=2)
     if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex():
         kind = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__

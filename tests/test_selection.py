@@ -7,19 +7,12 @@ import math
 
 import pytest
 import torch
+from test_masks import SPREAD  # family -> the parameter that spreads keep-probabilities
 from torch import nn
 
 import bayessparse as bs
 from bayessparse.models import LeNet5Caffe, LeNet300100
 
-# family -> (parameter, low, high): drawing it uniformly spreads the keep-probabilities.
-SPREAD = {
-    "sparse_vd": ("weight_log_sigma2", -14.0, 2.0),
-    "l0": ("gate_log_alpha", -4.0, 4.0),
-    "group_nj": ("scale_log_sigma2", -8.0, 8.0),
-    "horseshoe": ("local_log_sigma", -5.0, 2.0),
-    "spike_slab": ("inclusion_logit", -4.0, 4.0),
-}
 PER_WEIGHT = [("sparse_vd", {}), ("l0", {"gate": "weight"})]
 
 
