@@ -268,6 +268,8 @@ def _settings(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
         "layer": layer,
         "seed": args.seed,
         "val_size": args.val_size,
+        # Where the data came from, for evaluate; the checkpoint checks the data itself.
+        "data_dir": None if args.data_dir is None else str(args.data_dir.resolve()),
     }
 
 

@@ -101,7 +101,17 @@ def evaluate_run(
     bayesian = settings["method"] != DENSE
     selection = selection_of(settings)
     chosen = masks(net, **selection) if bayesian else None
-    result: dict[str, Any] = {"run": str(folder), "selection": selection or "default rule"}
+    ood_size = min(ood_size, test.images.shape[0])
+    result: dict[str, Any] = {
+        "run": str(folder),
+        "selection": selection or "default rule",
+        "data": {
+            "data_dir": settings.get("data_dir"),
+            "validation": val.images.shape[0],
+            "test": test.images.shape[0],
+            "ood": ood_size,
+        },
+    }
 
     if bayesian and val.images.shape[0] > 0:
         result["sweep"] = sweep(net, *val)

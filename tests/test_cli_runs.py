@@ -439,6 +439,14 @@ def test_evaluate_writes_sweep_metrics_ood_plots_and_the_exported_model(tmp_path
     assert "OOD AUROC, monte_carlo, inverted" in evaluate.stdout
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert set(evaluation["test"]) == {"deterministic", "monte_carlo"}
+    # The run's own data: the subset's 200 test images, its first 100 for OOD detection.
+    assert report["settings"]["data_dir"] == str(mnist.resolve())
+    assert evaluation["data"] == {
+        "data_dir": str(mnist.resolve()),
+        "validation": 100,
+        "test": 200,
+        "ood": 100,
+    }
     assert [r["target_sparsity"] for r in evaluation["sweep"]][:2] == [0.0, 0.5]
     assert evaluation["selection"] == {"sparsity": 0.9, "scope": "global"}
     assert {"rotated_90", "inverted", "shuffled", "gaussian_noise"} <= set(
