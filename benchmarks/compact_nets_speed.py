@@ -34,7 +34,7 @@ from bayessparse.metrics import flops
 from bayessparse.models import LeNet300100
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from resnets import SmallResNet, randomise_batch_norms_, resnet18
+from resnets import SmallResNet, gate_convs_, resnet18
 
 
 def lenet300(run: Path | None) -> nn.Module:
@@ -56,19 +56,6 @@ def lenet300(run: Path | None) -> nn.Module:
         ):
             layer.weight_log_sigma2.fill_(10.0)
             layer.weight_log_sigma2[rows[:, None], cols] = -20.0
-    return net
-
-
-def gated(net: nn.Module, closed: float) -> nn.Module:
-    """``net`` with L0 output gates on its convolutions, a fraction ``closed`` closed."""
-    generator = torch.Generator().manual_seed(0)
-    bs.to_sparse_(net, "l0", include=lambda name, m: isinstance(m, nn.Conv2d))
-    with torch.no_grad():
-        for _, layer in bs.sparse_modules(net):
-            alpha = layer.gate_log_alpha
-            alpha.fill_(10.0)
-            alpha[torch.rand(alpha.shape, generator=generator) < closed] = -10.0
-    randomise_batch_norms_(net, generator)
     return net
 
 
@@ -124,8 +111,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} thread(s)")
     builders = {
         "lenet300": lambda: (lenet300(args.run), (1, 28, 28), (1, 100)),
-        "small_resnet": lambda: (gated(SmallResNet(16), args.closed), (3, 32, 32), (1, 16)),
-        "resnet18": lambda: (gated(resnet18(10), args.closed), (3, 32, 32), (1, 16)),
+        "small_resnet": lambda: (gate_convs_(SmallResNet(16), args.closed), (3, 32, 32), (1, 16)),
+        "resnet18": lambda: (gate_convs_(resnet18(10), args.closed), (3, 32, 32), (1, 16)),
     }
     for name in args.nets:
         net, shape, batches = builders[name]()

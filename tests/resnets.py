@@ -135,3 +135,19 @@ def randomise_batch_norms_(net: nn.Module, generator: torch.Generator | None = N
                 m.running_var.copy_(torch.rand(n, generator=generator, dtype=dtype) + 0.5)
                 m.weight.copy_(torch.rand(n, generator=generator, dtype=dtype) + 0.5)
                 m.bias.copy_(torch.randn(n, generator=generator, dtype=dtype))
+
+
+def gate_convs_(net: nn.Module, closed: float, seed: int = 0) -> nn.Module:
+    """L0 output gates on every convolution, a fraction ``closed`` of them closed, and
+    batch norms with random statistics; in eval mode."""
+    import bayessparse as bs  # only here: the architectures themselves are plain torch
+
+    generator = torch.Generator().manual_seed(seed)
+    bs.to_sparse_(net, "l0", include=lambda name, m: isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        for _, layer in bs.sparse_modules(net):
+            alpha = layer.gate_log_alpha
+            alpha.fill_(10.0)
+            alpha[torch.rand(alpha.shape, generator=generator) < closed] = -10.0
+    randomise_batch_norms_(net, generator)
+    return net.eval()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from resnets import SmallResNet, randomise_batch_norms_, resnet18
+from resnets import SmallResNet, gate_convs_, randomise_batch_norms_, resnet18
 from torch import nn
 from torch.nn.utils import prune
 
@@ -26,20 +26,6 @@ def assert_same_function(small: nn.Module, net: nn.Module, x: torch.Tensor) -> N
     with torch.no_grad():
         expected, got = net(x), small(x)
     assert torch.allclose(got, expected, rtol=tol, atol=tol), (got - expected).abs().max()
-
-
-def gate_convs_(net: nn.Module, closed: float, seed: int = 0) -> nn.Module:
-    """L0 output gates on every convolution, a fraction ``closed`` of them closed, and
-    batch norms with random statistics; in eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    bs.to_sparse_(net, "l0", include=lambda name, m: isinstance(m, nn.Conv2d))
-    with torch.no_grad():
-        for _, layer in bs.sparse_modules(net):
-            alpha = layer.gate_log_alpha
-            alpha.fill_(10.0)
-            alpha[torch.rand(alpha.shape, generator=generator) < closed] = -10.0
-    randomise_batch_norms_(net, generator)
-    return net.eval()
 
 
 # --- Residual networks ----------------------------------------------------------------
