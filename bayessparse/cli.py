@@ -38,7 +38,7 @@ from bayessparse.recipes import (
     RECIPES,
     TRAINABLE,
     build_net,
-    kept_architecture,
+    kept_units,
     recipe,
     weighted_layers,
 )
@@ -255,7 +255,6 @@ def _settings(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
         layer["train_clip"] = args.train_clip
     layer.update(args.layer)
     init = args.init or rec.init
-    build_net(args.model, args.method, init, **layer)  # checks layer options, before data
     return {
         "model": args.model,
         "method": args.method,
@@ -368,13 +367,15 @@ class Job:
         _check_out(args)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        data = _load_data(args.data_dir)
-        self.train_split, self.val = hold_out(data["train"], args.val_size, args.seed)
-        self.test = data["test"]
+        # Built before the data is read, so that bad layer options fail first; loading the
+        # data draws nothing from torch's RNG, so the initial weights depend on the seed only.
         torch.manual_seed(args.seed)
         self.net = build_net(
             args.model, args.method, self.settings["init"], **self.settings["layer"]
         )
+        data = _load_data(args.data_dir)
+        self.train_split, self.val = hold_out(data["train"], args.val_size, args.seed)
+        self.test = data["test"]
         check_data(self.net, *self.train_split)
         check_data(self.net, *self.test, what="test")
         self.folder = _run_folder(args)
@@ -475,7 +476,7 @@ def _report(
     return {
         **_quality(probs, test.labels),
         "compression": sparsity["compression"],
-        "architecture": kept_architecture(net, **selection),
+        "architecture": kept_units(net, sparsity["layers"]),
         "sparsity": sparsity["sparsity"],
         "weights": sparsity["weights"],
         "kept": sparsity["kept"],

@@ -243,7 +243,11 @@ def kept_architecture(net: nn.Module, threshold: Any = None, **selection: Any) -
 
     ``threshold`` and ``selection`` (``sparsity``, ``scope``) choose the masks as for
     :func:`~bayessparse.masks`."""
-    layers = sparsity_report(net, threshold, **selection)["layers"]
+    return kept_units(net, sparsity_report(net, threshold, **selection)["layers"])
+
+
+def kept_units(net: nn.Module, layers: dict[str, dict[str, Any]]) -> str:
+    """:func:`kept_architecture` from the ``"layers"`` of a :func:`sparsity_report`."""
     units = [
         layers[name]["inputs_kept" if isinstance(module, nn.Linear) else "outputs_kept"]
         for name, module in sparse_modules(net)

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 import bayessparse as bs
-from bayessparse.cli import build_net, kept_architecture
 from bayessparse.metrics import flops
 from bayessparse.models import LeNet5Caffe
+from bayessparse.recipes import build_net, kept_architecture
 
 
 def gated_lenet5(arch: list[int]) -> nn.Module:

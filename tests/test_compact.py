@@ -11,10 +11,10 @@ from torch.nn.utils import prune
 
 import bayessparse as bs
 from bayessparse import compact
-from bayessparse.cli import kept_architecture
 from bayessparse.compaction import compact_pruned
 from bayessparse.metrics import flops
 from bayessparse.models import LeNet5Caffe, LeNet300100
+from bayessparse.recipes import kept_architecture
 
 # The parameter that opens (value 0) or closes (value 1) a group, per family.
 GROUP_SWITCHES = {

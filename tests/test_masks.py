@@ -9,10 +9,10 @@ from torch import nn
 from torch.nn.utils import prune
 
 import bayessparse as bs
-from bayessparse.cli import kept_architecture
 from bayessparse.convert import METHODS
 from bayessparse.models import LeNet5Caffe, LeNet300100
 from bayessparse.nn.variational import SPARSE_VD_THRESHOLD
+from bayessparse.recipes import kept_architecture
 
 
 def sparse_net(net: nn.Module) -> nn.Module:
