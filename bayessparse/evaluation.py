@@ -95,13 +95,17 @@ def evaluate_run(
     folder = Path(folder)
     settings, net = load_run(folder)
     raw = load_mnist(settings.get("data_dir"))
-    data = preprocess(raw)
+    ood_size = min(ood_size, raw["test"].images.shape[0])
+    ood = ood_sets(raw["test"].images[:ood_size], seed=seed)
+    # One preprocessing for all (pixels / 256 minus the mean training image); the OOD sets
+    # have no labels.
+    unlabelled = torch.zeros(ood_size, dtype=torch.long)
+    data = preprocess({**raw, **{name: Split(x, unlabelled) for name, x in ood.items()}})
     _, val = hold_out(data["train"], settings.get("val_size", 0), settings["seed"])
     test = data["test"]
     bayesian = settings["method"] != DENSE
     selection = selection_of(settings)
     chosen = masks(net, **selection) if bayesian else None
-    ood_size = min(ood_size, test.images.shape[0])
     result: dict[str, Any] = {
         "run": str(folder),
         "selection": selection or "default rule",
@@ -126,7 +130,8 @@ def evaluate_run(
     result["test"] = {
         mode: probability_report(p.probs, test.labels) for mode, p in predictions.items()
     }
-    result["ood"] = _ood(net, raw, predictions, chosen, num_samples, ood_size, seed)
+    ood_images = {name: data[name].images for name in ood}
+    result["ood"] = _ood(net, ood_images, predictions, chosen, num_samples, seed)
 
     exported = export(net, folder / EXPORTED, test.images[:2], **selection)
     example = test.images[:1]
@@ -149,6 +154,18 @@ def evaluate_run(
     return result
 
 
+def _predict(
+    net: nn.Module, images: Tensor, chosen: dict[str, Tensor] | None, num_samples: int, seed: int
+) -> Prediction:
+    """The masked posterior's predictive (``num_samples=0``: the deterministic masked net);
+    for a dense network (``chosen`` is ``None``), its softmax."""
+    if chosen is not None:
+        return predict(net, images, num_samples=num_samples, masks=chosen, seed=seed)
+    probs = predict_logits(net, images).softmax(-1)
+    zero = torch.zeros(probs.shape[0], dtype=torch.float64)
+    return Prediction(probs, predictive_entropy(probs), zero, 0)
+
+
 def _predictions(
     net: nn.Module,
     images: Tensor,
@@ -157,13 +174,9 @@ def _predictions(
     seed: int,
 ) -> dict[str, Prediction]:
     """The deterministic masked network's predictive, and the masked posterior's."""
-    if chosen is None:  # a dense network: deterministic only
-        probs = predict_logits(net, images).softmax(-1)
-        zero = torch.zeros(probs.shape[0], dtype=torch.float64)
-        return {"deterministic": Prediction(probs, predictive_entropy(probs), zero, 0)}
-    out = {"deterministic": predict(net, images, num_samples=0, masks=chosen)}
-    if num_samples > 0:
-        out["monte_carlo"] = predict(net, images, num_samples=num_samples, masks=chosen, seed=seed)
+    out = {"deterministic": _predict(net, images, chosen, 0, seed)}
+    if chosen is not None and num_samples > 0:
+        out["monte_carlo"] = _predict(net, images, chosen, num_samples, seed)
     return out
 
 
@@ -180,32 +193,20 @@ def _scores(prediction: Prediction) -> dict[str, Tensor]:
 
 def _ood(
     net: nn.Module,
-    raw: dict[str, Split],
+    ood: dict[str, Tensor],
     predictions: dict[str, Prediction],
     chosen: dict[str, Tensor] | None,
     num_samples: int,
-    size: int,
     seed: int,
 ) -> dict[str, Any]:
-    """OOD detection (AUROC, AUPR, FPR at 95 % TPR) of every score on every OOD set."""
-    images = raw["test"].images[:size]
-    sets = ood_sets(images, seed=seed)
-    # The same preprocessing as the data: pixels / 256 minus the mean training image.
-    fake = torch.zeros(size, dtype=torch.long)
-    prepared = preprocess({"train": raw["train"], **{k: Split(v, fake) for k, v in sets.items()}})
+    """OOD detection (AUROC, AUPR, FPR at 95 % TPR) of every score on every OOD set,
+    against as many test images as each set has."""
     out: dict[str, Any] = {}
     for mode, in_pred in predictions.items():
-        inside = {k: v[:size] for k, v in _scores(_head(in_pred, size)).items()}
         samples = num_samples if mode == "monte_carlo" else 0
-        for name in sets:
-            x = prepared[name].images
-            if chosen is None:
-                probs = predict_logits(net, x).softmax(-1)
-                zero = torch.zeros(probs.shape[0], dtype=torch.float64)
-                pred = Prediction(probs, predictive_entropy(probs), zero, 0)
-            else:
-                pred = predict(net, x, num_samples=samples, masks=chosen, seed=seed)
-            outside = _scores(pred)
+        for name, x in ood.items():
+            inside = _scores(_head(in_pred, x.shape[0]))
+            outside = _scores(_predict(net, x, chosen, samples, seed))
             out.setdefault(mode, {})[name] = {
                 score: ood_detection(inside[score], outside[score]) for score in outside
             }
