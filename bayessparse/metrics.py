@@ -447,12 +447,7 @@ def _by_layer(
     """``values`` re-keyed by layer identity, checked against the layers' weight shapes."""
     by_layer: dict[int, Tensor] = {}
     for key, value in (values or {}).items():
-        if key not in named:
-            known = ", ".join(repr(k) for k in list(named)[:8])
-            raise ValueError(
-                f"Expected {what} keyed by a Linear/ConvNd layer's weight, got {key!r}. "
-                f"Use state_dict-style keys such as {known}."
-            )
+        _check_key(key, named, f"{what} keyed by a Linear/ConvNd layer's weight")
         weight: Tensor = named[key].weight  # type: ignore[assignment]
         _check_broadcastable(value, weight.shape, f"{what}[{key!r}]")
         by_layer[id(named[key])] = value
@@ -499,12 +494,7 @@ def model_size(
         )
     tensors = _parameters(net)
     for key, mask in (masks or {}).items():
-        if key not in tensors:
-            known = ", ".join(repr(k) for k in list(tensors)[:8])
-            raise ValueError(
-                f"Expected masks keyed by a parameter of the net, got {key!r}. "
-                f"Use state_dict-style keys such as {known}."
-            )
+        _check_key(key, tensors, "masks keyed by a parameter of the net")
         _check_broadcastable(mask, tensors[key].shape, f"masks[{key!r}]")
     index_bytes = torch.empty((), dtype=index_dtype).element_size()
     size = dict.fromkeys(("params", "dense_bytes", "nonzero", "csr_bytes", "coo_bytes"), 0)
@@ -584,6 +574,14 @@ def _check_probs(probs: Tensor, what: str, min_ndim: int) -> Tensor:
             f"in [{float(sums.min())}, {float(sums.max())}]. Apply softmax(-1) to logits."
         )
     return probs
+
+
+def _check_key(key: str, known: Mapping[str, Any], expected: str) -> None:
+    if key not in known:
+        examples = ", ".join(repr(k) for k in list(known)[:8])
+        raise ValueError(
+            f"Expected {expected}, got {key!r}. Use state_dict-style keys such as {examples}."
+        )
 
 
 def _check_ndim(value: Any, ndim: int, expected: str, fix: str) -> None:
