@@ -27,7 +27,14 @@ from tqdm.auto import tqdm
 
 from bayessparse.convert import sparse_modules
 from bayessparse.data import DataError, Split, hold_out, load_mnist, preprocess
-from bayessparse.evaluation import EVALUATION, RunError, evaluate_run
+from bayessparse.evaluation import (
+    CHECKPOINT,
+    EVALUATION,
+    MODEL,
+    REPORT,
+    RunError,
+    evaluate_run,
+)
 from bayessparse.infer import predict
 from bayessparse.masks import masks, sparsity_report
 from bayessparse.metrics import predict_logits, probability_report
@@ -54,10 +61,8 @@ from bayessparse.training import (
     to_strict_json,
     train,
 )
+from bayessparse.training.loop import MAX_SEED
 from bayessparse.training.storage import torch_bytes
-
-CHECKPOINT, REPORT, MODEL = "checkpoint.pt", "report.json", "model.pt"
-MAX_SEED = 2**32 - 1
 
 
 class UsageError(ValueError):

@@ -36,6 +36,8 @@ from bayessparse.recipes import DENSE, build_net
 from bayessparse.sweep import keep_prob_histograms, plot_keep_prob_histograms, plot_sweep, sweep
 from bayessparse.training.storage import atomic_write, to_strict_json
 
+# A run folder: what train writes, and what evaluate adds.
+CHECKPOINT, REPORT, MODEL = "checkpoint.pt", "report.json", "model.pt"
 EVALUATION = "evaluation.json"
 EXPORTED = "model.pt2"
 
@@ -51,15 +53,15 @@ def load_run(folder: str | Path) -> tuple[dict[str, Any], nn.Module]:
         RunError: the folder has no report or model (the run has not finished).
     """
     folder = Path(folder)
-    for name in ("report.json", "model.pt"):
+    for name in (REPORT, MODEL):
         if not (folder / name).is_file():
             raise RunError(
                 f"{folder} holds no {name}: not a finished run. Finish it with "
                 f"'python -m bayessparse train --resume --out {folder}'."
             )
-    settings = json.loads((folder / "report.json").read_text())["settings"]
+    settings = json.loads((folder / REPORT).read_text())["settings"]
     net = build_net(settings["model"], settings["method"], settings["init"], **settings["layer"])
-    net.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    net.load_state_dict(torch.load(folder / MODEL, weights_only=True))
     return settings, net.eval()
 
 
