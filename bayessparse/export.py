@@ -81,17 +81,22 @@ def export(
     """
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     selection = {"threshold": threshold, "sparsity": sparsity, "scope": scope}
-    module, compacted = _deterministic(net, selection, compact_units)
-    module.eval()
+    # Checked on the user's own network (its layers name the shape they expect), before
+    # the work of compaction; its train/eval mode is left as it was.
+    was_training = net.training
     try:
         with torch.no_grad():
-            module(*args)
+            net.eval()(*args)
     except (RuntimeError, ValueError, TypeError) as err:
         shapes = [tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__ for a in args]
         raise ValueError(
             f"The example input {shapes} does not fit the network: {err}. Pass a batch of "
             "the inputs the network is meant for."
         ) from err
+    finally:
+        net.train(was_training)
+    module, compacted = _deterministic(net, selection, compact_units)
+    module.eval()
     # A batch of one would specialise the traced graph to batch size 1: trace with two.
     traced = tuple(torch.cat([a, a]) if _batch_of_one(a) else a for a in args)
     program = torch.export.export(module, traced, dynamic_shapes=_dynamic_batch(traced))
