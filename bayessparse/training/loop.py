@@ -33,6 +33,10 @@ CHECKPOINT_VERSION = 2
 MAX_SEED = 2**32 - 1
 
 
+# A method's hook after every optimiser step: (net, torch optimiser or None, global step).
+AfterStep = Callable[[nn.Module, "torch.optim.Optimizer | None", int], None]
+
+
 class TrainingDiverged(FloatingPointError):
     """The loss or a parameter became NaN or infinite; the last checkpoint is intact."""
 
@@ -224,8 +228,10 @@ class _Trainer:
         seed: int,
         settings: dict[str, Any],
         objective: Objective,
+        after_step: AfterStep | None = None,
     ) -> None:
         self.net, self.images, self.labels = net, images, labels
+        self.after_step = after_step
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.schedule, self.seed, self.settings = schedule, seed, settings
         self.objective = objective
@@ -297,6 +303,8 @@ class _Trainer:
                     self.images[idx], self.labels[idx], self.kl_weight, self.lr_factor
                 )
             self._check_step(loss, epoch, i, idx)
+            if self.after_step is not None:
+                self.after_step(self.net, self.objective.optimizer, epoch * num_batches + i)
             data_term, complexity = self.objective.last_terms
             data_sum += data_term
             kl_sum += complexity
@@ -365,7 +373,8 @@ def train(
     on_start: Callable[[History], None] | None = None,
     progress: bool | None = None,
     objective: str = "auto",
-    penalty: Callable[[nn.Module], Tensor] | None = None,
+    penalty: Callable[[nn.Module], Tensor | None] | None = None,
+    after_step: AfterStep | None = None,
 ) -> History:
     """Train a classifier, one epoch at a time: a Bayesian sparse one by SVI
     (``Trace_ELBO``, Adam), a plain one by Adam on the cross-entropy (plus a penalty).
@@ -405,6 +414,12 @@ def train(
             ``"auto"``: SVI when ``net`` has Bayesian sparse layers, else supervised.
         penalty: the supervised objective's complexity term, ``penalty(net)``, weighted
             by the schedule's KL weight (e.g. an L1 norm).
+        after_step: called after every optimiser step as ``after_step(net, optimizer,
+            step)`` with the torch optimiser (``None`` under SVI) and the step counted
+            from the run's start (e.g. a pruning schedule, or a proximal update).
+
+    The run draws its random numbers (batch noise, dropout) from its own stream, seeded
+    by ``seed`` and saved in checkpoints: the caller's global torch RNG is left as it was.
 
     Returns:
         The :class:`History` of all completed epochs.
@@ -451,6 +466,7 @@ def train(
         seed=seed,
         settings=settings,
         objective=chosen,
+        after_step=after_step,
     )
     if checkpoint is None:
         return _fit(trainer, None, eval_data, on_epoch_end, on_start, progress)
@@ -472,6 +488,19 @@ def train(
 
 
 def _fit(
+    trainer: _Trainer,
+    path: Path | None,
+    eval_data: tuple[Tensor, Tensor] | None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None,
+    on_start: Callable[[History], None] | None,
+    progress: bool | None,
+) -> History:
+    # The run's own random stream: restored from the checkpoint or seeded, never the caller's.
+    with torch.random.fork_rng(devices=[]):
+        return _fit_epochs(trainer, path, eval_data, on_epoch_end, on_start, progress)
+
+
+def _fit_epochs(
     trainer: _Trainer,
     path: Path | None,
     eval_data: tuple[Tensor, Tensor] | None,

@@ -34,6 +34,9 @@ class Objective(Protocol):
     @property
     def last_terms(self) -> tuple[float, float]: ...
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None: ...
+
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
@@ -47,7 +50,7 @@ def make_objective(
     net: nn.Module,
     num_data: int,
     lr: float,
-    penalty: Callable[[nn.Module], Tensor] | None = None,
+    penalty: Callable[[nn.Module], Tensor | None] | None = None,
 ) -> Objective:
     """The objective named ``kind``: ``"svi"``, ``"supervised"``, or ``"auto"`` (SVI for a
     network with Bayesian sparse layers, supervised for any other).
@@ -159,6 +162,11 @@ class SVIObjective:
         """``(data term, KL)`` of the last step."""
         return self.model.last_data, self.model.last_kl
 
+    @property
+    def optimizer(self) -> None:
+        """No torch optimiser: Pyro's optimiser wraps one per parameter."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return self.optim.get_state()
 
@@ -185,7 +193,7 @@ class SupervisedObjective:
         net: nn.Module,
         num_data: int,
         lr: float,
-        penalty: Callable[[nn.Module], Tensor] | None = None,
+        penalty: Callable[[nn.Module], Tensor | None] | None = None,
     ) -> None:
         self.net, self.num_data, self.lr, self.penalty = net, num_data, lr, penalty
         self.optim = torch.optim.Adam(net.parameters(), lr=lr)
@@ -195,7 +203,9 @@ class SupervisedObjective:
         for group in self.optim.param_groups:
             group["lr"] = self.lr * lr_factor
         data = F.cross_entropy(self.net(x), y) * self.num_data
-        complexity = self.penalty(self.net) if self.penalty is not None else data.new_zeros(())
+        complexity = self.penalty(self.net) if self.penalty is not None else None
+        if complexity is None:
+            complexity = data.new_zeros(())
         loss = data + kl_weight * complexity
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -207,6 +217,11 @@ class SupervisedObjective:
     def last_terms(self) -> tuple[float, float]:
         """``(data term, penalty)`` of the last step."""
         return self._last
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimiser (for a method's ``after_step`` hook)."""
+        return self.optim
 
     def state_dict(self) -> dict[str, Any]:
         return self.optim.state_dict()

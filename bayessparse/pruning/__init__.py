@@ -1,0 +1,35 @@
+"""The sparsification literature's pruning methods behind one interface.
+
+A method scores weights (:class:`PruningMethod`); the shared selector of
+:mod:`bayessparse.sparsity` makes the masks; :func:`prune` applies them in
+:mod:`torch.nn.utils.prune` format and returns them keyed like ``state_dict``.
+:func:`methods` lists the registered names.
+"""
+
+from bayessparse.pruning import magnitude  # noqa: F401  (registers the methods)
+from bayessparse.pruning.base import (
+    POLICIES,
+    STAGES,
+    PruningMethod,
+    apply_masks_,
+    compute_masks,
+    prunable_layers,
+    prune,
+)
+from bayessparse.pruning.magnitude import Magnitude, Random
+from bayessparse.pruning.registry import get_method, methods, register
+
+__all__ = [
+    "POLICIES",
+    "STAGES",
+    "Magnitude",
+    "PruningMethod",
+    "Random",
+    "apply_masks_",
+    "compute_masks",
+    "get_method",
+    "methods",
+    "prunable_layers",
+    "prune",
+    "register",
+]

@@ -1,0 +1,294 @@
+"""The method interface: a method scores weights; one selector turns scores into masks.
+
+In the spirit of :mod:`torch.nn.utils.prune` (one ``compute_mask``, the hook machinery in
+one place) and jaxpruner (a method overrides only its scores): a :class:`PruningMethod`
+returns importance scores, higher-is-kept, per weight or per unit;
+:func:`bayessparse.sparsity.select` turns them into boolean masks at a target sparsity;
+:func:`prune` applies them in :mod:`torch.nn.utils.prune` format. Methods that act during
+training add a ``penalty(net)`` to the loss and an ``after_step(net, optimizer, step)``
+hook; when a method acts (at initialisation, after training, during training) and how the
+survivors are trained afterwards (retain, rewind, reinitialise) are class attributes that
+the benchmark harness reads, so that every method runs under one budget by one loop.
+
+This package imports torch and :mod:`bayessparse.sparsity` only: never Pyro, the
+Bayesian layers or the training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import prune as torch_prune
+
+from bayessparse.sparsity import Scores, check_sparsity, select, weight_mask
+
+PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+STAGES = ("at_init", "after_training", "during_training")
+POLICIES = ("retain", "rewind", "reinit")
+STRUCTURES = ("weight", "unit")
+
+Data = tuple[Tensor, Tensor]
+
+
+class PruningMethod:
+    """Base class of the pruning methods: override :meth:`scores` (and hooks if needed).
+
+    Class attributes describe the method to the harness:
+
+    Attributes:
+        name: the registry name (``python -m bayessparse bench --methods NAME``).
+        family: the literature's family, e.g. ``"magnitude"``, ``"second_order"``,
+            ``"at_init"``, ``"structured"``, ``"control"``.
+        stage: when the masks are chosen: ``"at_init"`` (before training),
+            ``"after_training"`` (from a trained dense net, then fine-tuned) or
+            ``"during_training"`` (hooks act while training, then masks are chosen).
+        policy: how survivors of an after-training prune are trained on: ``"retain"``
+            their trained values (Han et al. 2015), ``"rewind"`` to their initial or an
+            early value (Frankle & Carbin 2019), ``"reinit"`` from a fresh
+            initialisation (Liu et al. 2019).
+        structure: ``"weight"`` (one score per weight) or ``"unit"`` (one per output
+            neuron or channel: whole units are pruned, and their biases with them).
+        needs_data: whether :meth:`scores` needs ``data``.
+
+    Args:
+        **options: method options (each method documents its own); unknown names raise.
+    """
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    stage: ClassVar[str] = "after_training"
+    policy: ClassVar[str] = "retain"
+    structure: ClassVar[str] = "weight"
+    needs_data: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        if options:
+            raise TypeError(
+                f"Method {self.name!r} got unknown options {sorted(options)}. "
+                f"See help(bayessparse.pruning.{type(self).__name__}) for its options."
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    def scores(self, net: nn.Module, data: Data | None) -> dict[str, Tensor]:
+        """Importance of each prunable weight, higher-is-kept, keyed like ``state_dict``.
+
+        Each value broadcasts to its weight: the weight's shape (one score per weight) or
+        one score per output unit (shape ``(out, 1, ...)``). Layers left out of the dict
+        are not pruned. Weights already pruned keep their masks whatever their score.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define scores(net, data)")
+
+    def prepare_(self, net: nn.Module) -> nn.Module:
+        """Make ``net`` ready for the method before training (default: unchanged)."""
+        return net
+
+    def start_(self, net: nn.Module, sparsity: float, total_steps: int) -> None:
+        """Called before training by a ``"during_training"`` method's trainer: the target
+        sparsity and the number of optimiser steps the training will take (default:
+        nothing; e.g. gradual magnitude pruning plans its schedule here)."""
+
+    def penalty(self, net: nn.Module) -> Tensor | None:
+        """A term added to the mean training loss (per example, as the papers write it:
+        e.g. ``λ·Σ|γ|``), or ``None`` (default). The loop's data term is the summed loss
+        over the training set, so trainers multiply the penalty by its size."""
+        return None
+
+    def after_step(self, net: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Called after every optimiser step while training (default: nothing)."""
+
+    def update_(self, net: nn.Module, masks: dict[str, Tensor], data: Data | None) -> None:
+        """Change the surviving weights once ``masks`` are chosen (default: nothing);
+        e.g. OBS's compensating update. Runs before the masks are applied."""
+
+    def finalize_(self, net: nn.Module) -> nn.Module:
+        """Undo :meth:`prepare_` after training, leaving a plain net (default: unchanged)."""
+        return net
+
+
+def prunable_layers(net: nn.Module) -> dict[str, nn.Module]:
+    """The Linear and Conv layers of ``net`` by name, in ``named_modules`` order."""
+    return {name: m for name, m in net.named_modules() if isinstance(m, PRUNABLE)}
+
+
+def param_key(layer: str, param: str = "weight") -> str:
+    """The ``state_dict`` key of a layer's parameter (``"0.weight"``; ``"weight"`` for a
+    bare layer)."""
+    return f"{layer}.{param}" if layer else param
+
+
+def current_mask(module: nn.Module) -> Tensor | None:
+    """The weight mask of a layer pruned in :mod:`torch.nn.utils.prune` format, or None."""
+    mask = getattr(module, "weight_mask", None)
+    return mask.bool() if isinstance(mask, Tensor) else None
+
+
+def trained_weight(module: nn.Module) -> Tensor:
+    """The weight the layer computes with (``weight_orig * weight_mask`` when pruned)."""
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight
+
+
+def loss_batches(data: Data, batch_size: int, num_batches: int | None = None) -> Iterator[Data]:
+    """Consecutive ``(x, y)`` batches of ``data`` (all of it, or the first ``num_batches``)."""
+    x, y = data
+    starts = range(0, x.shape[0], batch_size)
+    for start in starts if num_batches is None else starts[:num_batches]:
+        yield x[start : start + batch_size], y[start : start + batch_size]
+
+
+def cross_entropy(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The mean cross-entropy of ``net`` on a batch: the loss the methods' rules assume."""
+    return F.cross_entropy(net(x), y)
+
+
+def check_data(method: PruningMethod, data: Any) -> Data | None:
+    """``data`` as an ``(inputs, targets)`` pair of tensors, or None if the method needs none.
+
+    Raises:
+        ValueError: the method needs data and got none, or it is not a pair of tensors of
+            equal length.
+    """
+    if data is None:
+        if method.needs_data:
+            raise ValueError(
+                f"Method {method.name!r} scores weights with the loss on data, got data=None. "
+                "Pass data=(inputs, targets), e.g. a few batches of the training set."
+            )
+        return None
+    if (
+        not isinstance(data, (tuple, list))
+        or len(data) != 2
+        or not all(isinstance(t, Tensor) for t in data)
+        or data[0].shape[0] != data[1].shape[0]
+        or data[0].shape[0] == 0
+    ):
+        raise ValueError(
+            f"Expected data=(inputs, targets), two tensors with the same non-zero number of "
+            f"rows, got {type(data).__name__}. Pass e.g. (images[:1000], labels[:1000])."
+        )
+    return data[0], data[1]
+
+
+def compute_masks(
+    net: nn.Module,
+    method: PruningMethod,
+    sparsity: float,
+    data: Data | None = None,
+    scope: str = "global",
+) -> dict[str, Tensor]:
+    """The masks ``method`` chooses at ``sparsity``, keyed like ``state_dict``; ``net`` is
+    not changed. Unit methods mask the biases of the units they prune."""
+    layers = prunable_layers(net)
+    raw = method.scores(net, data)
+    scores: dict[str, Scores] = {}
+    for name, module in layers.items():
+        key = param_key(name)
+        if key not in raw:
+            continue
+        weight = trained_weight(module)
+        value = raw[key].detach()
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"Method {method.name!r} gave non-finite scores for {key!r}. The network's "
+                "weights or the data hold NaN or inf values; check them."
+            )
+        scores[key] = Scores(value, tuple(weight.shape), fixed=current_mask(module))
+    unknown = sorted(set(raw) - set(scores))
+    if unknown:
+        raise ValueError(
+            f"Method {method.name!r} scored {unknown}, which are not weights of the net's "
+            "Linear or Conv layers."
+        )
+    if not scores:
+        raise ValueError(
+            f"Method {method.name!r} found nothing to prune in {type(net).__name__}: it "
+            "prunes the weights of Linear and Conv layers"
+            + (" by output unit" if method.structure == "unit" else "")
+            + "."
+        )
+    kept = select(scores, sparsity=sparsity, scope=scope)
+    masks: dict[str, Tensor] = {}
+    for name, module in layers.items():
+        key = param_key(name)
+        if key not in scores:
+            continue
+        masks[key] = weight_mask(scores[key], kept[key])
+        unit = scores[key].unit_shape
+        if module.bias is not None and unit[0] > 1 and all(u == 1 for u in unit[1:]):
+            masks[param_key(name, "bias")] = kept[key].reshape(-1).clone()
+    return masks
+
+
+def apply_masks_(net: nn.Module, masks: dict[str, Tensor]) -> None:
+    """Apply ``masks`` (keyed like ``state_dict``) in :mod:`torch.nn.utils.prune` format.
+
+    A layer pruned before keeps one ``weight_mask``, replaced by the new one (which the
+    selector keeps inside the old), so that ``state_dict`` keys stay the same whatever
+    the number of rounds.
+    """
+    modules = dict(net.named_modules())
+    for key, mask in masks.items():
+        layer_name, _, param = key.rpartition(".")
+        module = modules[layer_name]
+        mask = mask.to(device=getattr(module, param).device)
+        if hasattr(module, f"{param}_mask"):
+            old = getattr(module, f"{param}_mask")
+            old.copy_(mask.to(old.dtype) * old)
+            setattr(module, param, getattr(module, f"{param}_orig") * old)
+        else:
+            torch_prune.custom_from_mask(module, param, mask)
+
+
+def prune(
+    net: nn.Module,
+    method: str | PruningMethod,
+    sparsity: float,
+    data: Data | None = None,
+    scope: str = "global",
+    **options: Any,
+) -> dict[str, Tensor]:
+    """Prune ``net`` in place with ``method`` to ``sparsity`` and return the masks.
+
+    Weights already pruned (an earlier round) stay pruned and count toward the target.
+
+    Args:
+        net: a network with Linear / Conv layers.
+        method: a registered name (:func:`~bayessparse.pruning.methods`) or an instance.
+        sparsity: the fraction of the prunable weights to prune, in [0, 1).
+        data: ``(inputs, targets)`` for methods that score with the loss.
+        scope: ``"global"`` (rank all layers together) or ``"layer"`` (each layer).
+        **options: options of the method, when ``method`` is a name.
+
+    Returns:
+        Boolean masks keyed like ``state_dict`` (``"1.weight"``, and ``"1.bias"`` for unit
+        methods), exactly what was applied.
+
+    Raises:
+        ValueError: unknown method, sparsity outside [0, 1), missing data, or a net
+            with nothing the method can prune.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> masks = prune(net, "magnitude", 0.5)
+        >>> sorted(masks)
+        ['0.weight', '2.weight']
+    """
+    from bayessparse.pruning.registry import get_method
+
+    chosen = get_method(method, **options) if isinstance(method, str) else method
+    if options and not isinstance(method, str):
+        raise TypeError("Pass options to the method's constructor when giving an instance.")
+    target = check_sparsity(sparsity)
+    checked = check_data(chosen, data)
+    masks = compute_masks(net, chosen, target, checked, scope)
+    with torch.no_grad():
+        chosen.update_(net, masks, checked)
+        apply_masks_(net, masks)
+    return masks
