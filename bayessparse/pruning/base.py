@@ -53,6 +53,8 @@ class PruningMethod:
         structure: ``"weight"`` (one score per weight) or ``"unit"`` (one per output
             neuron or channel: whole units are pruned, and their biases with them).
         needs_data: whether :meth:`scores` needs ``data``.
+        rounds: after-training methods prune in this many rounds, each followed by its
+            share of the fine-tuning budget (iterative pruning; 1: one-shot).
 
     Args:
         **options: method options (each method documents its own); unknown names raise.
@@ -64,6 +66,7 @@ class PruningMethod:
     policy: ClassVar[str] = "retain"
     structure: ClassVar[str] = "weight"
     needs_data: ClassVar[bool] = False
+    rounds: ClassVar[int] = 1
 
     def __init__(self, **options: Any) -> None:
         if options:
