@@ -2,8 +2,9 @@
 
 Each rule names a part of the package and the modules it must never import, directly:
 the mask currency, FLOPs, metrics and the compaction of plain networks stay torch-only,
-the layers know nothing of
-training or the command line, and only the command line prints.
+the layers know nothing of training or the command line, the pruning methods and the
+Bayesian side know nothing of each other (they meet in sparsity/ and the harness), and
+only the command line prints.
 """
 
 from __future__ import annotations
@@ -26,7 +27,35 @@ RULES = [
         "layers and priors know nothing of training or the CLI",
     ),
     (["distributions/*.py"], ["bayessparse.nn"], "priors know nothing of layers"),
-    (["training/*.py"], ["bayessparse.cli", "bayessparse.recipes"], "the loop names no recipe"),
+    (
+        ["training/*.py"],
+        ["bayessparse.cli", "bayessparse.recipes", "bayessparse.pruning", "bayessparse.bench"],
+        "the loop names no recipe and no method",
+    ),
+    # The pruning methods and the Bayesian side meet only in sparsity/ and the harness.
+    (
+        ["pruning/*.py"],
+        [
+            "pyro",
+            "bayessparse.nn",
+            "bayessparse.distributions",
+            "bayessparse.convert",
+            "bayessparse.masks",
+            "bayessparse.infer",
+            "bayessparse.training",
+            "bayessparse.recipes",
+            "bayessparse.evaluation",
+            "bayessparse.sweep",
+            "bayessparse.bench",
+            "bayessparse.cli",
+        ],
+        "methods are torch-only and know nothing of the Bayesian side or the harness",
+    ),
+    (
+        ["nn/*.py", "distributions/*.py", "masks.py", "convert.py", "infer.py"],
+        ["bayessparse.pruning", "bayessparse.bench"],
+        "the Bayesian side knows no pruning method",
+    ),
 ]
 
 
