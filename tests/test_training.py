@@ -412,3 +412,42 @@ def test_a_plain_network_trains_by_the_supervised_objective_and_resumes_exactly(
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="SVI takes no penalty"):
         run(toy_net(), x, y, penalty=l1)
+
+
+def test_after_step_sees_every_step_with_the_torch_optimizer_and_pruned_nets_stay_pruned():
+    from bayessparse.pruning import prune
+
+    x, y = toy_problem()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3))
+    masks = prune(net, "magnitude", 0.8)
+    seen = []
+
+    def after_step(net_, optimizer, step):
+        assert net_ is net and isinstance(optimizer, torch.optim.Adam)
+        seen.append(step)
+
+    run(net, x, y, epochs=2, after_step=after_step)
+    assert seen == list(range(2 * 6))  # 300 examples in batches of 50, two epochs
+    for key, mask in masks.items():
+        layer = net[int(key.split(".")[0])]
+        assert torch.equal(layer.weight[~mask], torch.zeros(int((~mask).sum())))
+
+    svi_steps = []
+    run(toy_net(), x, y, epochs=1, after_step=lambda n, o, s: svi_steps.append((o, s)))
+    assert svi_steps == [(None, s) for s in range(6)]  # Pyro's optimiser is not a torch one
+
+
+def test_training_draws_from_its_own_random_stream():
+    x, y = toy_problem()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = toy_net()
+    torch.manual_seed(123)
+    run(first, x, y, epochs=1, seed=5)
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream is untouched
+    second = toy_net()
+    run(second, x, y, epochs=1, seed=5)  # the run's stream depends on its seed only
+    for a, b in zip(first.parameters(), second.parameters(), strict=True):
+        assert torch.equal(a, b)
