@@ -16,20 +16,40 @@ from bayessparse.pruning.base import (
     prunable_layers,
     prune,
 )
-from bayessparse.pruning.magnitude import Magnitude, Random
+from bayessparse.pruning.magnitude import (
+    GradualMagnitude,
+    LotteryTicket,
+    LotteryTicketIterative,
+    Magnitude,
+    MagnitudeIterative,
+    MagnitudeReinit,
+    Random,
+    cubic_sparsity,
+)
+from bayessparse.pruning.policies import reinit_, rewind_, round_sparsities, snapshot
 from bayessparse.pruning.registry import get_method, methods, register
 
 __all__ = [
     "POLICIES",
     "STAGES",
+    "GradualMagnitude",
+    "LotteryTicket",
+    "LotteryTicketIterative",
     "Magnitude",
+    "MagnitudeIterative",
+    "MagnitudeReinit",
     "PruningMethod",
     "Random",
     "apply_masks_",
     "compute_masks",
+    "cubic_sparsity",
     "get_method",
     "methods",
     "prunable_layers",
     "prune",
     "register",
+    "reinit_",
+    "rewind_",
+    "round_sparsities",
+    "snapshot",
 ]
