@@ -25,6 +25,19 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bayessparse.bench import (
+    Bench,
+    check_budget,
+    claim,
+    grid,
+    merge,
+    method_names,
+    parse_shard,
+    run_grid,
+    shard,
+)
+from bayessparse.bench.plots import plot_results
+from bayessparse.bench.store import RESULTS, ROWS
 from bayessparse.convert import sparse_modules
 from bayessparse.data import DataError, Split, hold_out, load_mnist, preprocess
 from bayessparse.evaluation import (
@@ -58,6 +71,7 @@ from bayessparse.training import (
     TrainingDiverged,
     atomic_write,
     check_data,
+    fingerprint,
     to_strict_json,
     train,
 )
@@ -119,6 +133,38 @@ def _layer_option(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def _sparsity(text: str) -> float:
+    value = _number(float, 0.0, 1.0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), got {text!r}")
+    return float(value)
+
+
+def _method(text: str) -> str:
+    if text not in method_names():
+        raise argparse.ArgumentTypeError(
+            f"unknown method {text!r}; choose from {', '.join(method_names())}"
+        )
+    return text
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _comma_list(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """An argparse type: comma-separated values, each parsed by ``item``."""
+
+    def parse(text: str) -> list[Any]:
+        return [item(part.strip()) for part in text.split(",")]
+
+    parse.__name__ = "comma-separated list"
+    return parse
 
 
 def _epochs_help() -> str:
@@ -228,7 +274,57 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0)
     e.add_argument("--no-plots", dest="plots", action="store_false")
     e.add_argument("--threads", type=_number(int, 1), help="torch threads (default: torch's)")
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub: Any) -> None:
+    b = sub.add_parser(
+        "bench",
+        help="every method under one training budget: one CSV row per (method, sparsity, seed)",
+        description="Train, prune and evaluate each (method, target sparsity, seed) of a "
+        "grid under one budget of epochs: the dense reference, the Bayesian families and the "
+        "pruning methods. Each finished row is stored in OUT/rows/; OUT/results.csv and the "
+        "plots OUT/error.png and OUT/ece.png are rebuilt from them when the process ends. "
+        "Running the same command again continues with the unfinished rows; --shard splits "
+        "the grid between processes sharing OUT; --merge OUT only rebuilds the CSV and plots.",
+    )
+    b.add_argument("--model", choices=sorted(MODELS), default="lenet300")
+    b.add_argument(
+        "--methods",
+        type=_comma_list(_method),
+        help=f"comma-separated, from: {', '.join(method_names())}",
+    )
+    b.add_argument(
+        "--sparsities",
+        type=_comma_list(_sparsity),
+        default=[0.9, 0.95, 0.98, 0.99],
+        help="comma-separated target sparsities in [0, 1) (default: 0.9,0.95,0.98,0.99)",
+    )
+    b.add_argument(
+        "--seeds",
+        type=_comma_list(_number(int, 0, MAX_SEED)),
+        default=[0],
+        help="comma-separated seeds (default: 0)",
+    )
+    b.add_argument("--budget", type=_number(int, 1), help="training epochs of every method")
+    b.add_argument("--out", type=_path, help="the bench folder (created; reused to continue)")
+    b.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        metavar="I/N",
+        help="run only the grid rows whose index is I mod N (0 <= I < N)",
+    )
+    b.add_argument("--data-dir", type=_path, help="MNIST idx .gz directory (default: bundled)")
+    b.add_argument("--threads", type=_number(int, 1), help="torch threads (default: torch's)")
+    b.add_argument("--no-progress", dest="progress", action="store_false")
+    b.add_argument(
+        "--merge",
+        type=_path,
+        metavar="DIR",
+        help="only rebuild DIR/results.csv and the plots from DIR's row files",
+    )
 
 
 def _note(text: str) -> None:
@@ -550,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _sigterm_interrupts():
         if args.command == "evaluate":
             return _evaluate_command(args)
+        if args.command == "bench":
+            return _bench_command(args)
         return _train_command(args)
 
 
@@ -630,3 +728,72 @@ def _print_evaluation(result: dict[str, Any], folder: Path) -> None:
         f"{exported['dense_flops']} MACs)"
     )
     print(f"evaluation {folder / EVALUATION}")
+
+
+def _bench_command(args: argparse.Namespace) -> int:
+    """The ``bench`` command: check everything, run this shard's rows, merge and plot."""
+    if args.merge is not None:
+        if not (args.merge / ROWS).is_dir():
+            return _fail(
+                f"{args.merge} holds no bench rows ({ROWS}/); give the --out of a bench", 2
+            )
+        return _merge_bench(args.merge, 0)
+    missing = [flag for flag in ("methods", "budget", "out") if getattr(args, flag) is None]
+    if missing:
+        flags = ", ".join(f"--{flag}" for flag in missing)
+        return _fail(f"bench needs {flags} (or --merge DIR to merge a bench's rows)", 2)
+    try:
+        check_budget(args.methods, args.budget)
+        if args.out.exists() and not args.out.is_dir():
+            raise UsageError(f"--out {args.out} is a file; give a directory for the bench")
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        data = _load_data(args.data_dir)
+        bench = Bench(args.out, args.model, args.budget, data["train"], data["test"])
+        claim(args.out, _bench_settings(bench))
+    except (ValueError, TypeError) as err:  # budget, data, a folder with other settings
+        return _fail(str(err), 2)
+    except KeyboardInterrupt:
+        return 130
+    items = shard(grid(args.model, args.methods, args.sparsities, args.seeds), *args.shard)
+    try:
+        run_grid(bench, items, progress=None if args.progress else False)
+    except CheckpointError as err:
+        return _merge_bench(args.out, _fail(str(err), 2))
+    except (TrainingDiverged, StorageError) as err:
+        return _merge_bench(args.out, _fail(str(err), 1))
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: finished rows are kept; run the same command to continue",
+            file=sys.stderr,
+        )
+        return _merge_bench(args.out, 130)
+    return _merge_bench(args.out, 0)
+
+
+def _bench_settings(bench: Bench) -> dict[str, Any]:
+    """What changes a bench's results, recorded in its folder: model, budget, optimiser
+    settings and the data's fingerprint."""
+    return {
+        "model": bench.model,
+        "budget": bench.budget,
+        "batch_size": bench.batch_size,
+        "lr": bench.lr,
+        "data": fingerprint(*bench.train_split, *bench.test_split),
+    }
+
+
+def _merge_bench(folder: Path, code: int) -> int:
+    """Rebuild the bench's CSV and plots from its row files; return ``code`` (1 if the
+    CSV could not be written)."""
+    try:
+        rows = merge(folder)
+    except StorageError as err:
+        return _fail(str(err), 1)
+    print(f"{len(rows)} rows in {folder / RESULTS}")
+    if importlib.util.find_spec("matplotlib") is None:
+        _note("no plots: matplotlib is not installed (pip install 'bayessparse[plots]')")
+    elif rows:
+        plots = plot_results(rows, folder)
+        print(f"plots {', '.join(str(p) for p in plots)}")
+    return code

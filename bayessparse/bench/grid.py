@@ -1,0 +1,103 @@
+"""The benchmark grid: which (model, method, sparsity, seed) rows a bench runs, in what order.
+
+Every method, Bayesian or classical, is one name: ``"dense"`` (the reference), a Bayesian
+family of :data:`bayessparse.recipes.TRAINABLE`, or a registered pruning method of
+:func:`bayessparse.pruning.methods`. The grid is sorted in one order (model, method,
+sparsity, seed) that the row files, the shards and the merged CSV share, so that shards
+split it the same way in every process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from bayessparse.pruning import methods as pruning_methods
+from bayessparse.recipes import DENSE, TRAINABLE
+
+BAYESIAN = tuple(name for name in TRAINABLE if name != DENSE)
+
+
+class Item(NamedTuple):
+    """One row of the grid: a method at one target sparsity and seed."""
+
+    model: str
+    method: str
+    sparsity: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """The row's file stem, e.g. ``lenet300-magnitude-0.9-0`` (``repr`` of the
+        sparsity: unique and exact)."""
+        return f"{self.model}-{self.method}-{self.sparsity!r}-{self.seed}"
+
+
+def method_names() -> list[str]:
+    """Every name a bench accepts, in grid order: dense, the Bayesian families, pruning."""
+    return [DENSE, *BAYESIAN, *pruning_methods()]
+
+
+def kind(method: str) -> str:
+    """``"dense"``, ``"bayesian"`` or ``"pruning"``.
+
+    Raises:
+        ValueError: an unknown method (the message lists the names).
+    """
+    if method == DENSE:
+        return "dense"
+    if method in BAYESIAN:
+        return "bayesian"
+    if method in pruning_methods():
+        return "pruning"
+    raise ValueError(f"Unknown method {method!r}. Choose from {', '.join(method_names())}.")
+
+
+def order(model: str, method: str, sparsity: float, seed: int) -> tuple:
+    """The sort key of a row: by model, then dense, Bayesian, pruning methods (each by
+    name), then sparsity and seed."""
+    group = ("dense", "bayesian", "pruning").index(kind(method))
+    return (model, group, method, sparsity, seed)
+
+
+def grid(
+    model: str, methods: Iterable[str], sparsities: Iterable[float], seeds: Iterable[int]
+) -> list[Item]:
+    """The rows of a bench, sorted by :func:`order`, without repeats.
+
+    The dense reference has one row per seed (sparsity 0); every other method has one
+    per (sparsity, seed).
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    items: set[Item] = set()
+    for method in methods:
+        levels = [0.0] if kind(method) == "dense" else [float(s) for s in sparsities]
+        items.update(Item(model, method, s, int(seed)) for s in levels for seed in seeds)
+    return sorted(items, key=lambda item: order(*item))
+
+
+def shard(items: Sequence[Item], index: int, count: int) -> list[Item]:
+    """The rows of shard ``index`` of ``count``: those whose grid index is ``index`` mod
+    ``count``."""
+    return list(items[index::count])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` as ``(i, n)``.
+
+    Raises:
+        ValueError: not two integers with ``0 <= i < n``.
+    """
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not sep or not 0 <= i < n:
+        raise ValueError(
+            f"Expected a shard i/n with integers 0 <= i < n, got {text!r}. E.g. --shard 0/2 "
+            "and --shard 1/2 split the grid in two."
+        )
+    return i, n

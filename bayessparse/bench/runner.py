@@ -1,0 +1,349 @@
+"""One bench row: train, prune and evaluate a method under the bench's training budget.
+
+The protocol for a budget of ``B`` epochs (Adam, the loop's default schedule in every
+training phase: lr constant, then linear to 0 over the phase's second half):
+
+- ``dense``: the plain network trained ``B`` epochs (the reference, sparsity 0);
+- Bayesian families: SVI for ``B`` epochs with the recipe's schedule scaled to ``B``,
+  trained once per (method, seed) and cached; each sparsity keeps the weights of highest
+  keep-probability (global ranking) in the deterministic masked net, without fine-tuning;
+- pruning methods, by their ``stage``:
+
+  - ``"at_init"``: prune the initial net (``prepare_`` first), train ``B`` epochs;
+  - ``"after_training"``: the dense net trained ``P = B // 2`` epochs (cached per seed,
+    shared by all such methods), then ``rounds`` rounds of: prune to
+    ``1 - (1 - s)^(k / rounds)``, apply the ``policy``, train ``(B - P) / rounds``
+    epochs (the remainder in the last round);
+  - ``"during_training"``: ``prepare_``, ``start_``, train ``B - F`` epochs with the
+    method's penalty and ``after_step`` hook (``F = B // 4``), prune to ``s``,
+    ``finalize_``, fine-tune ``F`` epochs.
+
+Every row starts from the same initial weights for a seed (torch's initialisation
+after ``torch.manual_seed(seed)``) and depends on nothing but its own settings, so a
+row computes the same in any process, shard or order. Pruned weights stay masked in
+:mod:`torch.nn.utils.prune` format while the survivors train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import filelock
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from bayessparse.bench.grid import Item, kind
+from bayessparse.bench.measure import measure
+from bayessparse.bench.store import row_path, write_row
+from bayessparse.data import Split
+from bayessparse.masks import to_dense
+from bayessparse.pruning import (
+    PruningMethod,
+    get_method,
+    methods,
+    prune,
+    reinit_,
+    rewind_,
+    round_sparsities,
+    snapshot,
+)
+from bayessparse.recipes import DENSE, build_net, recipe
+from bayessparse.training import Schedule, load_checkpoint, save_checkpoint, train
+
+CACHE = "cache"
+LOCKS = "locks"
+# Examples that data-driven methods score with: ten batches at initialisation (SNIP,
+# GraSP), a few thousand after training (second-order methods' curvature estimates).
+AT_INIT_EXAMPLES = 1000
+AFTER_TRAINING_EXAMPLES = 2000
+
+
+def pretrain_epochs(budget: int) -> int:
+    """Epochs of dense training before an after-training method prunes: half the budget."""
+    return budget // 2
+
+
+def finetune_epochs(budget: int) -> int:
+    """Epochs a during-training method fine-tunes after its final prune: a quarter."""
+    return budget // 4
+
+
+def round_epochs(budget: int, rounds: int) -> list[int]:
+    """Fine-tuning epochs of each pruning round: the budget left after pretraining, split
+    evenly, the remainder going to the last round."""
+    rest = budget - pretrain_epochs(budget)
+    share = rest // rounds
+    return [share] * (rounds - 1) + [rest - share * (rounds - 1)]
+
+
+def min_budget(method: str) -> int:
+    """The shortest budget the protocol of ``method`` runs with: one epoch, or for an
+    after-training method one of pretraining and one per pruning round."""
+    if kind(method) != "pruning":
+        return 1
+    cls = methods()[method]
+    if cls.stage != "after_training":
+        return 1
+    return max(2, 2 * cls.rounds - 1)  # pretrain_epochs >= 1 and round_epochs all >= 1
+
+
+def check_budget(names: Iterable[str], budget: int) -> None:
+    """Check that every method's protocol fits in ``budget`` epochs.
+
+    Raises:
+        ValueError: a budget too short for a method (names the shortest it takes).
+    """
+    for name in names:
+        needed = min_budget(name)
+        if budget < needed:
+            raise ValueError(
+                f"Expected a budget of at least {needed} epochs for method {name!r} (its "
+                f"protocol has phases of whole epochs), got {budget}. Raise --budget."
+            )
+
+
+def make_method(name: str, seed: int) -> PruningMethod:
+    """The pruning method ``name``, seeded with the row's seed when it takes a seed."""
+    cls = methods()[name]
+    return get_method(name, seed=seed) if "seed" in _init_parameters(cls) else get_method(name)
+
+
+def _init_parameters(cls: type) -> set[str]:
+    return set(inspect.signature(cls).parameters)
+
+
+@dataclass
+class Bench:
+    """The fixed settings of a bench and its data; :meth:`run` computes one row.
+
+    Attributes:
+        directory: the bench folder (rows, caches, results).
+        model: ``"lenet300"`` or ``"lenet5"``.
+        budget: training epochs of every method.
+        train_split, test_split: preprocessed MNIST.
+        batch_size, lr: Adam's mini-batch size and learning rate.
+    """
+
+    directory: Path
+    model: str
+    budget: int
+    train_split: Split
+    test_split: Split
+    batch_size: int = 100
+    lr: float = 1e-3
+
+    def run(self, item: Item) -> dict[str, Any]:
+        """Train, prune and evaluate one row; returns its record (see ``COLUMNS``)."""
+        torch.manual_seed(item.seed)  # whatever a method draws, the row alone decides it
+        family, stage = "dense", "none"
+        if item.method == DENSE:
+            net, seconds = self._dense(item.seed)
+        elif kind(item.method) == "bayesian":
+            family, stage = "bayesian", "during_training"
+            net, seconds = self._bayesian(item)
+        else:
+            method = make_method(item.method, item.seed)
+            family, stage = method.family, method.stage
+            net, seconds = self._pruned(item, method)
+        test = self.test_split
+        return {
+            **item._asdict(),
+            "budget": self.budget,
+            "family": family,
+            "stage": stage,
+            **measure(net, self.initial_net(item.seed), test.images, test.labels),
+            "train_seconds": seconds,
+        }
+
+    # --- building blocks ----------------------------------------------------------------
+
+    def initial_net(self, seed: int) -> nn.Module:
+        """The plain network at torch's initialisation for ``seed`` (the RNG is forked)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_net(self.model, DENSE, "torch")
+
+    def fit(self, net: nn.Module, epochs: int, seed: int, **options: Any) -> float:
+        """Train ``net`` for ``epochs`` with the bench's settings; returns the seconds."""
+        start = time.perf_counter()
+        train(
+            net,
+            *self.train_split,
+            epochs=epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            seed=seed,
+            progress=False,
+            **options,
+        )
+        return time.perf_counter() - start
+
+    def score_data(self, count: int, seed: int) -> tuple[Tensor, Tensor]:
+        """``count`` training examples drawn at random for ``seed`` (all if fewer)."""
+        images, labels = self.train_split
+        order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed))
+        chosen = order[:count]
+        return images[chosen], labels[chosen]
+
+    def cached(self, name: str, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The state saved as ``cache/NAME.pt``, made by ``make()`` the first time.
+
+        A lock per cache makes concurrent shards wait for the one computing it rather
+        than compute it twice; the file is a verified checkpoint written atomically.
+        """
+        path = self.directory / CACHE / f"{name}.pt"
+        path.parent.mkdir(exist_ok=True)
+        (self.directory / LOCKS).mkdir(exist_ok=True)
+        with filelock.FileLock(self.directory / LOCKS / f"cache-{name}.lock"):
+            if path.exists():
+                return load_checkpoint(path)
+            state = make()
+            save_checkpoint(state, path)
+        return state
+
+    # --- the protocols ------------------------------------------------------------------
+
+    def _dense(self, seed: int) -> tuple[nn.Module, float]:
+        net = self.initial_net(seed)
+        return net, self.fit(net, self.budget, seed)
+
+    def _bayesian(self, item: Item) -> tuple[nn.Module, float]:
+        rec = recipe(self.model, item.method)
+
+        def build() -> nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item.seed)
+                return build_net(self.model, item.method, rec.init, **rec.layer)
+
+        def make() -> dict[str, Any]:
+            net = build()
+            schedule = Schedule(*rec.scaled(self.budget))
+            seconds = self.fit(net, self.budget, item.seed, schedule=schedule, objective="svi")
+            return {"net": net.state_dict(), "train_seconds": seconds}
+
+        state = self.cached(f"{item.method}-{item.seed}", make)
+        net = build()
+        net.load_state_dict(state["net"])
+        return to_dense(net, sparsity=item.sparsity, scope="global"), state["train_seconds"]
+
+    def _pruned(self, item: Item, method: PruningMethod) -> tuple[nn.Module, float]:
+        if method.stage == "at_init":
+            return self._at_init(item, method)
+        if method.stage == "after_training":
+            return self._after_training(item, method)
+        if method.stage == "during_training":
+            return self._during_training(item, method)
+        raise ValueError(
+            f"Method {method.name!r} has stage {method.stage!r}; the bench runs 'at_init', "
+            "'after_training' and 'during_training'."
+        )
+
+    def _at_init(self, item: Item, method: PruningMethod) -> tuple[nn.Module, float]:
+        net = method.prepare_(self.initial_net(item.seed))
+        prune(net, method, item.sparsity, data=self.score_data(AT_INIT_EXAMPLES, item.seed))
+        seconds = self.fit(net, self.budget, item.seed)
+        return method.finalize_(net), seconds
+
+    def _pretrained(self, seed: int) -> dict[str, Any]:
+        """The dense net trained :func:`pretrain_epochs` (cached) and its initial state."""
+
+        def make() -> dict[str, Any]:
+            net = self.initial_net(seed)
+            init = snapshot(net)
+            seconds = self.fit(net, pretrain_epochs(self.budget), seed)
+            return {"init": init, "trained": net.state_dict(), "train_seconds": seconds}
+
+        return self.cached(f"dense-{seed}", make)
+
+    def _after_training(self, item: Item, method: PruningMethod) -> tuple[nn.Module, float]:
+        state = self._pretrained(item.seed)
+        net = self.initial_net(item.seed)
+        net.load_state_dict(state["trained"])
+        seconds = state["train_seconds"]
+        data = self.score_data(AFTER_TRAINING_EXAMPLES, item.seed)
+        targets = round_sparsities(item.sparsity, method.rounds)
+        for target, epochs in zip(targets, round_epochs(self.budget, method.rounds), strict=True):
+            prune(net, method, target, data=data)
+            self._apply_policy(net, method.policy, state["init"], item.seed)
+            seconds += self.fit(net, epochs, item.seed)
+        return net, seconds
+
+    def _apply_policy(
+        self, net: nn.Module, policy: str, init: dict[str, Tensor], seed: int
+    ) -> None:
+        """Set the survivors' starting values for fine-tuning: trained ones (retain), the
+        initial ones (rewind) or a fresh initialisation (reinit)."""
+        if policy == "rewind":
+            rewind_(net, init)
+        elif policy == "reinit":
+            reinit_(net, reinit_seed(seed))
+        elif policy != "retain":
+            raise ValueError(
+                f"Unknown policy {policy!r}; the bench applies 'retain', 'rewind', 'reinit'."
+            )
+
+    def _during_training(self, item: Item, method: PruningMethod) -> tuple[nn.Module, float]:
+        net = method.prepare_(self.initial_net(item.seed))
+        num_data = self.train_split.images.shape[0]
+        epochs = self.budget - finetune_epochs(self.budget)
+        method.start_(net, item.sparsity, epochs * math.ceil(num_data / self.batch_size))
+
+        def penalty(net: nn.Module) -> Tensor | None:
+            # The method's penalty is per example; the loop's data term sums over the data.
+            term = method.penalty(net)
+            return None if term is None else num_data * term
+
+        seconds = self.fit(net, epochs, item.seed, penalty=penalty, after_step=method.after_step)
+        prune(net, method, item.sparsity, data=self.score_data(AFTER_TRAINING_EXAMPLES, item.seed))
+        net = method.finalize_(net)
+        if finetune_epochs(self.budget):
+            seconds += self.fit(net, finetune_epochs(self.budget), item.seed)
+        return net, seconds
+
+
+def reinit_seed(seed: int) -> int:
+    """The seed of a fresh initialisation for a row of ``seed``: not ``seed`` itself,
+    which would draw the initial values again. A hash, since torch's CPU generator keeps
+    only the low 32 bits of a seed (``seed + 2**32`` draws what ``seed`` does)."""
+    digest = hashlib.sha256(f"reinit {seed}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def run_grid(bench: Bench, items: list[Item], progress: bool | None = None) -> int:
+    """Compute every row of ``items`` that has no row file yet, storing each as it ends.
+
+    A row held by another process (its lock taken) is left to that process. A tqdm bar
+    counts the rows done (shown only on a terminal when ``progress`` is None).
+
+    Returns:
+        The number of rows this call computed.
+    """
+    todo = [item for item in items if not row_path(bench.directory, item).exists()]
+    (bench.directory / LOCKS).mkdir(parents=True, exist_ok=True)
+    computed = 0
+    with tqdm(
+        total=len(items),
+        initial=len(items) - len(todo),
+        unit="row",
+        disable=None if progress is None else not progress,
+    ) as bar:
+        for item in todo:
+            bar.set_description(item.name)
+            lock = filelock.FileLock(bench.directory / LOCKS / f"row-{item.name}.lock", timeout=0)
+            try:
+                with lock:
+                    if not row_path(bench.directory, item).exists():
+                        write_row(bench.directory, item, bench.run(item))
+                        computed += 1
+            except filelock.Timeout:
+                pass  # another process is computing this row
+            bar.update()
+    return computed

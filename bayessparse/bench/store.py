@@ -1,0 +1,121 @@
+"""The files of a bench folder: one file per finished row, the merged CSV, the settings.
+
+A row is written atomically as ``rows/<model>-<method>-<sparsity>-<seed>.json`` when it
+finishes, so a bench killed at any moment keeps every finished row and a restarted one
+skips them. ``results.csv`` is rebuilt from the row files, in grid order, by every
+process when it ends and by ``python -m bayessparse bench --merge DIR``.
+``bench.json`` records the settings that change results; a bench with other settings
+is refused the folder, so that its rows never mix with these.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import filelock
+
+from bayessparse.bench.grid import Item, order
+from bayessparse.training import atomic_write, to_strict_json
+
+ROWS = "rows"
+RESULTS = "results.csv"
+SETTINGS = "bench.json"
+
+COLUMNS = (
+    "model",
+    "method",
+    "sparsity",
+    "seed",
+    "budget",
+    "family",
+    "stage",
+    "error",
+    "nll",
+    "ece",
+    "brier",
+    "weights",
+    "nonzero",
+    "achieved_sparsity",
+    "compression",
+    "flops_dense",
+    "flops_nonzero",
+    "architecture",
+    "params",
+    "compact_params",
+    "speedup",
+    "train_seconds",
+)
+# Columns that measure time: they differ from run to run; the rest are reproducible.
+TIMING = ("speedup", "train_seconds")
+
+
+class SettingsMismatch(ValueError):
+    """The bench folder holds results computed with other settings."""
+
+
+def row_path(directory: Path, item: Item) -> Path:
+    """Where the row of ``item`` is stored."""
+    return directory / ROWS / f"{item.name}.json"
+
+
+def write_row(directory: Path, item: Item, row: dict[str, Any]) -> None:
+    """Store a finished row atomically (strict JSON: a non-finite number becomes null)."""
+    path = row_path(directory, item)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, to_strict_json(row).encode())
+
+
+def read_rows(directory: Path) -> list[dict[str, Any]]:
+    """Every stored row of the folder, in grid order."""
+    rows = [json.loads(path.read_text()) for path in (directory / ROWS).glob("[!.]*.json")]
+    return sorted(rows, key=lambda r: order(r["model"], r["method"], r["sparsity"], r["seed"]))
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    """``rows`` as CSV text with a header of :data:`COLUMNS` (null: an empty cell)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def merge(directory: Path) -> list[dict[str, Any]]:
+    """Rebuild ``results.csv`` atomically from the row files; returns the rows."""
+    rows = read_rows(directory)
+    atomic_write(directory / RESULTS, to_csv(rows).encode())
+    return rows
+
+
+def claim(directory: Path, settings: dict[str, Any]) -> None:
+    """Record ``settings`` in ``bench.json``, or check them against those recorded.
+
+    Raises:
+        SettingsMismatch: the folder's bench has other settings (names each difference).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / SETTINGS
+    with filelock.FileLock(directory / f".{SETTINGS}.lock"):
+        if not path.exists():
+            atomic_write(path, to_strict_json(settings).encode())
+            return
+        recorded = json.loads(path.read_text())
+    different = [
+        f"{key} {_show(recorded.get(key))} there, {_show(settings.get(key))} here"
+        for key in sorted(set(recorded) | set(settings))
+        if recorded.get(key) != settings.get(key)
+    ]
+    if different:
+        raise SettingsMismatch(
+            f"{path} records a bench with other settings ({'; '.join(different)}). Rows "
+            "with different settings do not compare: use another --out, or the same settings."
+        )
+
+
+def _show(value: Any) -> str:
+    # Fingerprints are long; their first digits tell them apart.
+    return f"{value[:12]}..." if isinstance(value, str) and len(value) == 64 else repr(value)

@@ -1,0 +1,164 @@
+"""``python -m bayessparse bench`` as a user meets it: killed and restarted, split in shards,
+given bad input.
+
+Each bench runs as a subprocess on a small MNIST subset (600 training, 200 test images)
+with a budget of 2 epochs: the dense reference, magnitude and random pruning and sparse VD
+at two sparsities and two seeds, 14 rows of a fraction of a second each.
+"""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mnist_subset import write_mnist_subset
+
+from bayessparse.bench import TIMING
+
+REPO = Path(__file__).resolve().parents[1]
+GRID = [
+    "--methods",
+    "dense,magnitude,random,sparse_vd",
+    "--sparsities",
+    "0.5,0.9",
+    "--seeds",
+    "0,1",
+    "--budget",
+    "2",
+]
+ROWS = 2 + 3 * 2 * 2  # dense: one row per seed; the others: one per (sparsity, seed)
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mnist_subset(tmp_path_factory.mktemp("mnist"))
+
+
+def command(*args: str | Path, data: Path | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "bayessparse", "bench", "--threads", "1"]
+    if data is not None:
+        cmd += ["--data-dir", str(data)]
+    return cmd + [str(a) for a in args]
+
+
+def bench(*args: str | Path, data: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(*args, data=data), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def start(*args: str | Path, data: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        command(*args, data=data), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def files(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """``{name: (mtime in ns, contents)}`` of the files in ``folder``."""
+    return {
+        p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.glob("*") if p.is_file()
+    }
+
+
+def read_csv(path: Path, drop: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def killed_and_restarted(tmp_path_factory: pytest.TempPathFactory, mnist: Path) -> dict:
+    """A bench killed by SIGKILL once two rows are stored, then run again to the end."""
+    out = tmp_path_factory.mktemp("bench") / "out"
+    proc = start(*GRID, "--out", out, data=mnist)
+    deadline = time.monotonic() + 120
+    while len(list((out / "rows").glob("*.json"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    before = {"rows": files(out / "rows"), "cache": files(out / "cache")}
+    again = bench(*GRID, "--out", out, data=mnist)
+    return {"out": out, "killed": proc.returncode, "before": before, "again": again}
+
+
+def test_a_killed_bench_restarted_keeps_every_finished_row_and_recomputes_none(
+    killed_and_restarted,
+):
+    run = killed_and_restarted
+    out = run["out"]
+    assert run["killed"] == -signal.SIGKILL
+    assert run["again"].returncode == 0, run["again"].stderr
+    before = run["before"]
+    assert 2 <= len(before["rows"]) < ROWS  # killed mid-grid
+    after = {"rows": files(out / "rows"), "cache": files(out / "cache")}
+    # Rows and caches finished before the kill are untouched: same bytes, never rewritten.
+    for kind in ("rows", "cache"):
+        assert {k: after[kind][k] for k in before[kind]} == before[kind]
+    assert len(after["rows"]) == ROWS
+    rows = read_csv(out / "results.csv")
+    assert len(rows) == ROWS
+    keys = [(r["method"], float(r["sparsity"]), int(r["seed"])) for r in rows]
+    # Grid order: the dense reference, Bayesian families, pruning methods by name.
+    methods = ("sparse_vd", "magnitude", "random")
+    assert keys == [("dense", 0.0, seed) for seed in (0, 1)] + [
+        (m, s, seed) for m in methods for s in (0.5, 0.9) for seed in (0, 1)
+    ]
+    assert not list(out.glob("**/.*.tmp"))  # the killed writer's temporary file is gone
+
+
+def test_two_concurrent_shards_then_merge_equal_one_process(killed_and_restarted, mnist, tmp_path):
+    out = tmp_path / "sharded"
+    shards = [start(*GRID, "--out", out, "--shard", f"{i}/2", data=mnist) for i in range(2)]
+    for proc in shards:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+    merged = bench("--merge", out)
+    assert merged.returncode == 0, merged.stderr
+    assert f"{ROWS} rows" in merged.stdout
+    # Every column but the timings is reproducible: same seed, one thread.
+    one = read_csv(killed_and_restarted["out"] / "results.csv", drop=TIMING)
+    assert read_csv(out / "results.csv", drop=TIMING) == one
+    # Each cached net was trained once, by whichever shard got its lock first.
+    assert sorted(p.name for p in (out / "cache").iterdir()) == [
+        "dense-0.pt",
+        "dense-1.pt",
+        "sparse_vd-0.pt",
+        "sparse_vd-1.pt",
+    ]
+    assert (out / "error.png").stat().st_size > 0 and (out / "ece.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--methods", "dense,prune_all", "--budget", "2"], "unknown method 'prune_all'"),
+        (["--methods", "magnitude", "--sparsities", "0.5,1.0", "--budget", "2"], "[0, 1)"),
+        (["--methods", "magnitude", "--budget", "2", "--shard", "2/2"], "0 <= i < n"),
+        (["--model", "lenet7", "--methods", "magnitude", "--budget", "2"], "lenet7"),
+        (["--methods", "dense,magnitude", "--budget", "1"], "at least 2 epochs"),
+    ],
+)
+def test_bad_input_ends_in_one_line_and_exit_2(tmp_path, args, fragment):
+    result = bench(*args, "--out", tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_folder_with_other_settings_is_refused_naming_the_difference(
+    killed_and_restarted, mnist
+):
+    out = killed_and_restarted["out"]
+    result = bench(*GRID[:-1], "3", "--out", out, data=mnist)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {out / 'bench.json'} records a bench with other settings (budget 2 there, "
+        "3 here). Rows with different settings do not compare: use another --out, or the "
+        "same settings."
+    ]
