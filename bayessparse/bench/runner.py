@@ -200,7 +200,7 @@ class Bench:
         than compute it twice; the file is a verified checkpoint written atomically.
         """
         path = self.directory / CACHE / f"{name}.pt"
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         (self.directory / LOCKS).mkdir(exist_ok=True)
         with filelock.FileLock(self.directory / LOCKS / f"cache-{name}.lock"):
             if path.exists():

@@ -1,0 +1,365 @@
+"""The bench harness without the command line: grid, shards, row files, settings, the
+protocol of each stage (with recording stand-in methods), and what a row measures.
+
+Training here runs on 200 synthetic images (two mini-batches of 100) for a few epochs:
+the protocols' calls and epoch counts are checked, not accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import prune as torch_prune
+
+from bayessparse.bench import (
+    COLUMNS,
+    Bench,
+    Item,
+    SettingsMismatch,
+    check_budget,
+    claim,
+    grid,
+    merge,
+    min_budget,
+    parse_shard,
+    read_rows,
+    shard,
+)
+from bayessparse.bench.measure import architecture, measure, speedup
+from bayessparse.bench.plots import seed_means
+from bayessparse.bench.runner import reinit_seed, round_epochs
+from bayessparse.bench.store import RESULTS, row_path, to_csv, write_row
+from bayessparse.data import Split
+from bayessparse.pruning import prunable_layers
+from bayessparse.pruning.magnitude import Magnitude
+
+# --- grid and shards --------------------------------------------------------------------
+
+
+def test_grid_sorts_dense_then_bayesian_then_pruning_and_gives_dense_one_row_per_seed():
+    items = grid("lenet5", ["random", "magnitude", "l0", "dense", "random"], [0.9, 0.5], [1, 0])
+    names = [(i.method, i.sparsity, i.seed) for i in items]
+    assert names == [
+        ("dense", 0.0, 0),
+        ("dense", 0.0, 1),
+        *[
+            (m, s, seed)
+            for m in ("l0", "magnitude", "random")
+            for s in (0.5, 0.9)
+            for seed in (0, 1)
+        ],
+    ]
+    assert {i.model for i in items} == {"lenet5"}
+    assert items[2].name == "lenet5-l0-0.5-0"
+
+
+def test_grid_refuses_an_unknown_method_listing_the_names():
+    with pytest.raises(ValueError, match=r"Unknown method 'obd2'.*dense, group_nj.*magnitude"):
+        grid("lenet300", ["obd2"], [0.9], [0])
+
+
+def test_shards_partition_the_grid_by_index_mod_n():
+    items = grid("lenet300", ["dense", "magnitude", "random"], [0.5, 0.9, 0.99], [0, 1, 2])
+    parts = [shard(items, i, 3) for i in range(3)]
+    assert [len(p) for p in parts] == [7, 7, 7]  # 3 + 18 rows
+    assert parts[1] == [items[i] for i in range(1, 21, 3)]
+    assert sorted((item for part in parts for item in part), key=items.index) == items
+
+
+@pytest.mark.parametrize("text", ["2/2", "-1/2", "0/0", "a/2", "1", "1/2/3", ""])
+def test_parse_shard_refuses_anything_but_i_over_n_with_i_below_n(text):
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        parse_shard(text)
+
+
+def test_parse_shard():
+    assert parse_shard("0/1") == (0, 1)
+    assert parse_shard("3/4") == (3, 4)
+
+
+# --- budget splits ----------------------------------------------------------------------
+
+
+class FakeIterative(Magnitude):
+    """Magnitude pruning in 3 rounds, rewinding: an after-training method with rounds."""
+
+    name = "fake_iterative"
+    rounds = 3
+    policy = "rewind"
+
+
+def test_round_epochs_split_the_budget_after_pretraining_remainder_last():
+    # Budget 11: pretraining 5, then 6 epochs over 4 rounds: 1, 1, 1, 3.
+    assert round_epochs(11, 4) == [1, 1, 1, 3]
+    assert round_epochs(2, 1) == [1]
+    assert round_epochs(9, 5) == [1, 1, 1, 1, 1]
+
+
+def test_min_budget_and_check_budget():
+    assert min_budget("dense") == min_budget("sparse_vd") == 1
+    assert min_budget("magnitude") == 2  # one epoch of pretraining, one of fine-tuning
+    with pytest.raises(ValueError, match="at least 2 epochs for method 'magnitude'.*got 1"):
+        check_budget(["dense", "magnitude"], 1)
+    check_budget(["dense", "magnitude"], 2)
+
+
+# --- row files, CSV, settings -------------------------------------------------------------
+
+
+def row(item: Item, error: float) -> dict[str, Any]:
+    return {column: None for column in COLUMNS} | item._asdict() | {"error": error}
+
+
+def test_rows_merge_into_a_csv_in_grid_order_whatever_the_order_they_finished(tmp_path):
+    items = grid("lenet300", ["magnitude", "dense"], [0.9, 0.5], [0])
+    for n, item in enumerate(reversed(items)):
+        write_row(tmp_path, item, row(item, error=n / 10))
+    (tmp_path / "rows" / ".x.json.123.tmp").write_text("{")  # a killed writer's leftover
+    rows = merge(tmp_path)
+    assert [(r["method"], r["sparsity"]) for r in rows] == [
+        ("dense", 0.0),
+        ("magnitude", 0.5),
+        ("magnitude", 0.9),
+    ]
+    text = (tmp_path / RESULTS).read_text()
+    lines = text.splitlines()
+    assert lines[0] == ",".join(COLUMNS)
+    # Floats are written exactly (repr); nulls (non-finite values) as empty cells.
+    assert lines[1].startswith("lenet300,dense,0.0,0,,,,0.2,,")
+    assert text == to_csv(read_rows(tmp_path))
+    assert json.loads(row_path(tmp_path, items[0]).read_text())["error"] == 0.2
+
+
+def test_claim_records_the_settings_then_refuses_others_naming_each_difference(tmp_path):
+    settings = {"model": "lenet300", "budget": 4, "lr": 0.001, "data": "ab" * 32}
+    claim(tmp_path / "b", settings)
+    claim(tmp_path / "b", dict(settings))  # the same settings: welcome
+    other = settings | {"budget": 5, "data": "cd" * 32}
+    with pytest.raises(SettingsMismatch) as err:
+        claim(tmp_path / "b", other)
+    # Fingerprints are shown by their first 12 digits.
+    assert "(budget 4 there, 5 here; data abababababab... there, cdcdcdcdcdcd... here)" in str(
+        err.value
+    )
+    assert json.loads((tmp_path / "b" / "bench.json").read_text()) == settings
+
+
+# --- what a row measures ----------------------------------------------------------------
+
+
+def pruned_mlp() -> nn.Sequential:
+    """Linear(4, 3) -> ReLU -> Linear(3, 2), weights 1, biases 0.5; the first layer's
+    input 0 and unit 2 pruned: 6 of its 12 weights kept, all 6 of the second's."""
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            layer.weight.fill_(1.0)
+            layer.bias.fill_(0.5)
+    mask = torch.ones(3, 4)
+    mask[:, 0] = 0
+    mask[2, :] = 0
+    torch_prune.custom_from_mask(net[0], "weight", mask)
+    return net
+
+
+def test_measure_counts_weights_flops_units_and_compacted_parameters():
+    net, dense = pruned_mlp(), nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    images, labels = torch.randn(5, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(5)
+    m = measure(net, dense, images, labels.long())
+    assert (m["weights"], m["nonzero"]) == (18, 12)
+    assert m["achieved_sparsity"] == pytest.approx(1 / 3, rel=1e-15)
+    assert m["compression"] == 1.5
+    assert (m["flops_dense"], m["flops_nonzero"]) == (18, 12)  # one MAC per weight per example
+    # Inputs with a non-zero weight: 3 pixels, then the 3 hidden units (unit 2 is a
+    # constant relu(0.5) that the second layer still reads).
+    assert m["architecture"] == "3-3"
+    assert m["params"] == 12 + 3 + 6 + 2
+    # Compacted: input 0 dropped (Select), unit 2 folded into the next bias: 3*2+2 + 2*2+2.
+    assert m["compact_params"] == 14
+    assert m["error"] == 0.0  # all-ones weights score class 0 and 1 alike: argmax picks 0
+    assert math.isfinite(m["speedup"]) and m["speedup"] > 0
+
+
+def test_architecture_counts_conv_output_channels_then_linear_inputs():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 4, 5))
+    with torch.no_grad():
+        net[0].weight[1:3] = 0  # two closed channels
+        net[2].weight[:, :7] = 0  # seven dead inputs
+    assert architecture(net) == "2-9"
+
+
+def test_speedup_of_a_net_over_itself_is_near_one():
+    net = nn.Sequential(nn.Linear(64, 64))
+    ratio = speedup(net, net, torch.randn(100, 64), reps=21)
+    assert 0.2 < ratio < 5  # same work; the bounds only catch a swapped or broken ratio
+
+
+def test_seed_means_average_each_method_and_sparsity_over_seeds():
+    rows = [
+        {"method": "dense", "sparsity": 0.0, "compression": 1.0, "error": 0.1},
+        {"method": "m", "sparsity": 0.5, "compression": 2.0, "error": 0.2},
+        {"method": "m", "sparsity": 0.5, "compression": 2.2, "error": 0.4},
+        {"method": "m", "sparsity": 0.9, "compression": 10.0, "error": 0.5},
+        {"method": "m", "sparsity": 0.99, "compression": None, "error": 0.9},  # all pruned
+    ]
+    means = seed_means(rows, "error")
+    assert list(means) == ["m"]
+    assert means["m"] == [(pytest.approx(2.1), pytest.approx(0.3)), (10.0, 0.5)]
+
+
+def test_reinit_seed_differs_from_the_seed_in_the_low_32_bits():
+    # torch's CPU generator keeps the low 32 bits: seed + 2**32 would draw the init again.
+    seeds = [reinit_seed(s) for s in range(100)]
+    assert all(0 <= r < 2**32 and r != s for s, r in enumerate(seeds))
+    assert len(set(seeds)) == 100
+
+
+# --- the protocols, with stand-in methods -------------------------------------------------
+
+
+def synthetic(n: int, seed: int) -> Split:
+    generator = torch.Generator().manual_seed(seed)
+    return Split(torch.randn(n, 1, 28, 28, generator=generator), torch.arange(n) % 10)
+
+
+class Recording(Bench):
+    """A bench that records the epochs of each training phase and its options."""
+
+    def __init__(self, directory: Path, budget: int) -> None:
+        super().__init__(directory, "lenet300", budget, synthetic(200, 0), synthetic(50, 1))
+        self.phases: list[tuple[int, set[str]]] = []
+
+    def fit(self, net: nn.Module, epochs: int, seed: int, **options: Any) -> float:
+        self.phases.append((epochs, set(options)))
+        return super().fit(net, epochs, seed, **options)
+
+
+class Calls(Magnitude):
+    """Magnitude pruning that records the hooks the harness calls."""
+
+    name = "calls"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, ...]] = []
+
+    def scores(self, net: nn.Module, data: Any) -> dict[str, Tensor]:
+        self.calls.append(("scores", None if data is None else data[0].shape[0]))
+        return super().scores(net, data)
+
+    def prepare_(self, net: nn.Module) -> nn.Module:
+        self.calls.append(("prepare_",))
+        return net
+
+    def start_(self, net: nn.Module, sparsity: float, total_steps: int) -> None:
+        self.calls.append(("start_", sparsity, total_steps))
+
+    def penalty(self, net: nn.Module) -> Tensor | None:
+        if not any(c[0] == "penalty" for c in self.calls):
+            self.calls.append(("penalty",))
+        return None
+
+    def after_step(self, net: nn.Module, optimizer: Any, step: int) -> None:
+        self.calls.append(("after_step", step))
+
+    def finalize_(self, net: nn.Module) -> nn.Module:
+        self.calls.append(("finalize_",))
+        return net
+
+
+def first_layer(net: nn.Module) -> Any:
+    return next(iter(prunable_layers(net).values()))
+
+
+def masked_sparsity(net: nn.Module) -> float:
+    weights = [layer.weight for layer in prunable_layers(net).values()]
+    return 1 - sum(int(w.count_nonzero()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def test_during_training_runs_hooks_then_prunes_finalizes_and_fine_tunes(tmp_path):
+    bench, method = Recording(tmp_path, budget=5), Calls()
+    method.stage = "during_training"
+    net, _ = bench._pruned(Item("lenet300", "calls", 0.75, 0), method)
+    # Budget 5: F = 5 // 4 = 1 epoch of fine-tuning, 4 with the hooks; 2 steps an epoch.
+    assert bench.phases == [(4, {"penalty", "after_step"}), (1, set())]
+    assert method.calls[:3] == [("prepare_",), ("start_", 0.75, 8), ("penalty",)]
+    assert [c[1] for c in method.calls if c[0] == "after_step"] == list(range(8))
+    assert method.calls[-2:] == [("scores", 200), ("finalize_",)]  # all 200 examples
+    assert masked_sparsity(net) == pytest.approx(0.75, abs=1e-5)  # whole weights: 266200
+
+
+def test_at_init_prunes_the_seeded_initial_net_then_trains_the_whole_budget(tmp_path):
+    bench, method = Recording(tmp_path, budget=3), Calls()
+    method.stage = "at_init"
+    net, _ = bench._pruned(Item("lenet300", "calls", 0.5, 7), method)
+    assert bench.phases == [(3, set())]
+    assert method.calls == [("prepare_",), ("scores", 200), ("finalize_",)]
+    assert masked_sparsity(net) == pytest.approx(0.5, abs=1e-5)
+    # The weights pruned are the smallest of the seed's initial net: torch's init, seed 7.
+    first, initial = first_layer(net), first_layer(bench.initial_net(7)).weight.abs()
+    kept = first.weight_mask.bool()
+    assert initial[kept].min() >= initial[~kept].max()
+
+
+def test_after_training_prunes_in_rounds_and_rewinds_to_the_cached_initial_weights(tmp_path):
+    bench, method = Recording(tmp_path, budget=7), FakeIterative()
+    net, _ = bench._pruned(Item("lenet300", "fake_iterative", 0.875, 0), method)
+    # Budget 7: 3 epochs pretrained (cached), then 4 over 3 rounds: 1, 1, 2.
+    assert bench.phases == [(3, set()), (1, set()), (1, set()), (2, set())]
+    assert masked_sparsity(net) == pytest.approx(0.875, abs=1e-5)  # 1 - 0.5 ** 3
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["dense-0.pt"]
+    # A second method reuses the pretrained net: no pretraining phase.
+    bench.phases.clear()
+    bench._pruned(Item("lenet300", "magnitude", 0.5, 0), Magnitude())
+    assert bench.phases == [(4, set())]
+
+
+def test_rewind_starts_fine_tuning_from_the_initial_weights_under_the_mask(tmp_path):
+    bench = Recording(tmp_path, budget=2)
+    starts = []
+
+    class Rewind(Magnitude):
+        policy = "rewind"
+
+    original_fit = bench.fit
+
+    def fit(net: nn.Module, epochs: int, seed: int, **options: Any) -> float:
+        starts.append(first_layer(net).weight.detach().clone())
+        return original_fit(net, epochs, seed, **options)
+
+    bench.fit = fit  # type: ignore[method-assign]
+    bench._pruned(Item("lenet300", "rewind", 0.5, 3), Rewind())
+    initial = first_layer(bench.initial_net(3)).weight.detach()
+    kept = starts[1] != 0
+    assert torch.equal(starts[1][kept], initial[kept])  # survivors: their initial values
+    assert kept.float().mean() < 0.6  # and the mask stayed on
+
+
+def test_a_row_of_a_bayesian_family_trains_once_per_seed_and_selects_each_sparsity(tmp_path):
+    bench = Recording(tmp_path, budget=1)
+    rows = [bench.run(Item("lenet300", "sparse_vd", s, 0)) for s in (0.5, 0.9)]
+    assert bench.phases == [(1, {"schedule", "objective"})]  # trained once, then cached
+    assert [r["achieved_sparsity"] for r in rows] == pytest.approx([0.5, 0.9], abs=1e-5)
+    assert {r["family"] for r in rows} == {"bayesian"}
+    assert rows[0]["train_seconds"] == rows[1]["train_seconds"]  # the cached training's
+    assert set(rows[0]) == set(COLUMNS)
+
+
+def test_rows_are_reproducible_whatever_ran_before_them(tmp_path):
+    first = Recording(tmp_path / "a", budget=2)
+    item = Item("lenet300", "random", 0.5, 1)
+    alone = first.run(item)
+    second = Recording(tmp_path / "b", budget=2)
+    second.run(Item("lenet300", "dense", 0.0, 0))  # other rows first, other RNG draws
+    torch.rand(10)
+    after = second.run(item)
+    timing = ("speedup", "train_seconds")
+    assert {k: v for k, v in alone.items() if k not in timing} == {
+        k: v for k, v in after.items() if k not in timing
+    }
