@@ -28,11 +28,16 @@ from bayessparse.pruning.magnitude import (
 )
 from bayessparse.pruning.policies import reinit_, rewind_, round_sparsities, snapshot
 from bayessparse.pruning.registry import get_method, methods, register
+from bayessparse.pruning.second_order import OBD, KronOBD, KronOBS, LayerwiseOBS
 
 __all__ = [
+    "OBD",
     "POLICIES",
     "STAGES",
     "GradualMagnitude",
+    "KronOBD",
+    "KronOBS",
+    "LayerwiseOBS",
     "LotteryTicket",
     "LotteryTicketIterative",
     "Magnitude",

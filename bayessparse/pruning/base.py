@@ -225,7 +225,12 @@ def compute_masks(
         masks[key] = weight_mask(scores[key], kept[key])
         unit = scores[key].unit_shape
         if module.bias is not None and unit[0] > 1 and all(u == 1 for u in unit[1:]):
-            masks[param_key(name, "bias")] = kept[key].reshape(-1).clone()
+            # Units pruned in an earlier round keep their bias pruned (select omits them).
+            earlier = getattr(module, "bias_mask", None)
+            kept_bias = kept[key].reshape(-1).clone()
+            if isinstance(earlier, Tensor):
+                kept_bias &= earlier.bool().to(kept_bias.device)
+            masks[param_key(name, "bias")] = kept_bias
     return masks
 
 
