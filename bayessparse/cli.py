@@ -37,7 +37,8 @@ from bayessparse.bench import (
     shard,
 )
 from bayessparse.bench.plots import plot_results
-from bayessparse.bench.store import RESULTS, ROWS
+from bayessparse.bench.runner import RowFailed
+from bayessparse.bench.store import RESULTS, ROWS, row_path
 from bayessparse.convert import sparse_modules
 from bayessparse.data import DataError, Split, hold_out, load_mnist, preprocess
 from bayessparse.evaluation import (
@@ -287,7 +288,9 @@ def _add_bench_parser(sub: Any) -> None:
         "pruning methods. Each finished row is stored in OUT/rows/; OUT/results.csv and the "
         "plots OUT/error.png and OUT/ece.png are rebuilt from them when the process ends. "
         "Running the same command again continues with the unfinished rows; --shard splits "
-        "the grid between processes sharing OUT; --merge OUT only rebuilds the CSV and plots.",
+        "the grid between processes sharing OUT; --merge OUT only rebuilds the CSV and plots. "
+        "A folder can grow: rerun with more methods, sparsities or seeds; settings that "
+        "change results (model, budget, data) must stay the same.",
     )
     b.add_argument("--model", choices=sorted(MODELS), default="lenet300")
     b.add_argument(
@@ -756,11 +759,16 @@ def _bench_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     items = shard(grid(args.model, args.methods, args.sparsities, args.seeds), *args.shard)
+    done = sum(row_path(args.out, item).exists() for item in items)
+    if done:
+        _note(
+            f"{done} of the {len(items)} rows are in {args.out / ROWS} already; running the rest"
+        )
     try:
         run_grid(bench, items, progress=None if args.progress else False)
     except CheckpointError as err:
         return _merge_bench(args.out, _fail(str(err), 2))
-    except (TrainingDiverged, StorageError) as err:
+    except (RowFailed, StorageError) as err:
         return _merge_bench(args.out, _fail(str(err), 1))
     except KeyboardInterrupt:
         print(

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import filelock
 import pytest
 import torch
 from torch import Tensor, nn
@@ -29,12 +30,14 @@ from bayessparse.bench import (
     min_budget,
     parse_shard,
     read_rows,
+    run_grid,
     shard,
 )
 from bayessparse.bench.measure import architecture, measure, speedup
 from bayessparse.bench.plots import seed_means
-from bayessparse.bench.runner import reinit_seed, round_epochs
+from bayessparse.bench.runner import RowFailed, reinit_seed, round_epochs
 from bayessparse.bench.store import RESULTS, row_path, to_csv, write_row
+from bayessparse.cli import main
 from bayessparse.data import Split
 from bayessparse.pruning import prunable_layers
 from bayessparse.pruning.magnitude import Magnitude
@@ -363,3 +366,73 @@ def test_rows_are_reproducible_whatever_ran_before_them(tmp_path):
     assert {k: v for k, v in alone.items() if k not in timing} == {
         k: v for k, v in after.items() if k not in timing
     }
+
+
+class Scripted(Bench):
+    """A bench whose rows are computed instantly (the error is their seed), or fail."""
+
+    def __init__(self, directory: Path, fail: Item | None = None) -> None:
+        super().__init__(directory, "lenet300", 2, synthetic(1, 0), synthetic(1, 1))
+        self.fail, self.ran = fail, []
+
+    def run(self, item: Item) -> dict[str, Any]:
+        self.ran.append(item)
+        if item == self.fail:
+            raise ValueError("boom")
+        return row(item, error=float(item.seed))
+
+
+def test_run_grid_skips_stored_rows_and_rows_another_process_holds(tmp_path):
+    items = grid("lenet300", ["dense"], [], [0, 1, 2, 3])
+    write_row(tmp_path, items[0], row(items[0], error=9.0))
+    bench = Scripted(tmp_path)
+    (tmp_path / "locks").mkdir()
+    with filelock.FileLock(tmp_path / "locks" / f"row-{items[2].name}.lock"):
+        assert run_grid(bench, items, progress=False) == 2
+    assert bench.ran == [items[1], items[3]]
+    assert [r["error"] for r in read_rows(tmp_path)] == [9.0, 1.0, 3.0]
+
+
+def test_a_failing_row_names_itself_and_keeps_the_rows_before(tmp_path):
+    items = grid("lenet300", ["dense"], [], [0, 1, 2])
+    with pytest.raises(RowFailed, match=r"^row lenet300-dense-0.0-1 failed: ValueError: boom$"):
+        run_grid(Scripted(tmp_path, fail=items[1]), items, progress=False)
+    assert [r["seed"] for r in read_rows(tmp_path)] == [0]
+
+
+# --- the command line's checks (in-process; tests/test_bench_cli.py runs real processes) ---
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--methods", "dense,prune_all"], "unknown method 'prune_all'; choose from dense,"),
+        (["--methods", "magnitude", "--sparsities", "0.5,1.0"], "sparsity in [0, 1), got '1.0'"),
+        (["--methods", "magnitude", "--shard", "2/2"], "0 <= i < n, got '2/2'"),
+        (["--model", "lenet7", "--methods", "magnitude"], "invalid choice: 'lenet7'"),
+        (["--methods", "lottery_iterative", "--budget", "8"], "at least 9 epochs"),
+        (["--methods", "dense", "--budget", "2", "--out", ""], "expected a path"),
+        (["--methods", "dense"], "bench needs --out (or --merge DIR"),
+    ],
+)
+def test_bad_command_lines_end_in_one_line_and_exit_2(tmp_path, capsys, args, fragment):
+    if "--budget" not in args:
+        args = [*args, "--budget", "2"]
+    if "--out" not in args and "needs --out" not in fragment:
+        args = [*args, "--out", str(tmp_path / "out")]
+    try:
+        code = main(["bench", *args])
+    except SystemExit as exit:  # argparse's errors
+        code = exit.code
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_of_a_folder_without_rows_is_refused(tmp_path, capsys):
+    assert main(["bench", "--merge", str(tmp_path)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"error: {tmp_path} holds no bench rows (rows/); give the --out of a bench\n"
+    )

@@ -56,7 +56,14 @@ from bayessparse.pruning import (
     snapshot,
 )
 from bayessparse.recipes import DENSE, build_net, recipe
-from bayessparse.training import Schedule, load_checkpoint, save_checkpoint, train
+from bayessparse.training import (
+    CheckpointError,
+    Schedule,
+    StorageError,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 CACHE = "cache"
 LOCKS = "locks"
@@ -317,6 +324,10 @@ def reinit_seed(seed: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+class RowFailed(RuntimeError):
+    """A row's training, pruning or evaluation failed; the rows finished before are kept."""
+
+
 def run_grid(bench: Bench, items: list[Item], progress: bool | None = None) -> int:
     """Compute every row of ``items`` that has no row file yet, storing each as it ends.
 
@@ -325,6 +336,11 @@ def run_grid(bench: Bench, items: list[Item], progress: bool | None = None) -> i
 
     Returns:
         The number of rows this call computed.
+
+    Raises:
+        RowFailed: a row failed (the message names it and the error).
+        CheckpointError: a cache file is damaged.
+        StorageError: a file could not be written.
     """
     todo = [item for item in items if not row_path(bench.directory, item).exists()]
     (bench.directory / LOCKS).mkdir(parents=True, exist_ok=True)
@@ -337,13 +353,25 @@ def run_grid(bench: Bench, items: list[Item], progress: bool | None = None) -> i
     ) as bar:
         for item in todo:
             bar.set_description(item.name)
-            lock = filelock.FileLock(bench.directory / LOCKS / f"row-{item.name}.lock", timeout=0)
-            try:
-                with lock:
-                    if not row_path(bench.directory, item).exists():
-                        write_row(bench.directory, item, bench.run(item))
-                        computed += 1
-            except filelock.Timeout:
-                pass  # another process is computing this row
+            computed += _run_once(bench, item)
             bar.update()
     return computed
+
+
+def _run_once(bench: Bench, item: Item) -> bool:
+    """Compute and store ``item`` unless it is stored or another process holds it."""
+    lock = filelock.FileLock(bench.directory / LOCKS / f"row-{item.name}.lock", timeout=0)
+    try:
+        with lock:
+            if row_path(bench.directory, item).exists():
+                return False
+            try:
+                row = bench.run(item)
+            except (CheckpointError, StorageError):
+                raise
+            except Exception as err:
+                raise RowFailed(f"row {item.name} failed: {type(err).__name__}: {err}") from err
+            write_row(bench.directory, item, row)
+            return True
+    except filelock.Timeout:
+        return False  # another process is computing this row
