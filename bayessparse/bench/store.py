@@ -6,6 +6,24 @@ skips them. ``results.csv`` is rebuilt from the row files, in grid order, by eve
 process when it ends and by ``python -m bayessparse bench --merge DIR``.
 ``bench.json`` records the settings that change results; a bench with other settings
 is refused the folder, so that its rows never mix with these.
+
+The columns of a row (:data:`COLUMNS`):
+
+- ``model``, ``method``, ``sparsity`` (the target), ``seed``, ``budget`` (epochs);
+- ``family`` (``dense``, ``bayesian`` or the pruning method's family) and ``stage``
+  (``none`` for dense; ``during_training`` for the Bayesian families, whose sparsity
+  is learnt while training; the pruning method's stage otherwise);
+- ``error``, ``nll``, ``ece`` (15 bins), ``brier``: the final net on the test set;
+- ``weights`` (of the Linear and Conv layers; biases not counted), ``nonzero``,
+  ``achieved_sparsity`` and ``compression`` (``weights / nonzero``);
+- ``flops_dense``, ``flops_nonzero``: multiply-accumulates per example;
+- ``architecture``: kept units in the papers' notation (output channels of each
+  convolution, then input units of each linear layer with a non-zero weight);
+- ``params``, ``compact_params``: all parameters of the dense net and of the compacted
+  pruned net (:func:`~bayessparse.compaction.compact_pruned`);
+- ``speedup``: CPU forward time of the dense net over the compacted one, batch 100;
+- ``train_seconds``: all training of the row, cached phases included (pretraining,
+  the Bayesian net's SVI).
 """
 
 from __future__ import annotations
