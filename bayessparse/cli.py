@@ -792,16 +792,19 @@ def _bench_settings(bench: Bench) -> dict[str, Any]:
 
 
 def _merge_bench(folder: Path, code: int) -> int:
-    """Rebuild the bench's CSV and plots from its row files; return ``code`` (1 if the
-    CSV could not be written)."""
+    """Rebuild the bench's CSV and plots from its row files; return ``code`` (1 if they
+    could not be written, 130 if interrupted: each file is whole, old or new)."""
     try:
         rows = merge(folder)
+        print(f"{len(rows)} rows in {folder / RESULTS}")
+        if importlib.util.find_spec("matplotlib") is None:
+            _note("no plots: matplotlib is not installed (pip install 'bayessparse[plots]')")
+        elif rows:
+            plots = plot_results(rows, folder)
+            print(f"plots {', '.join(str(p) for p in plots)}")
     except StorageError as err:
         return _fail(str(err), 1)
-    print(f"{len(rows)} rows in {folder / RESULTS}")
-    if importlib.util.find_spec("matplotlib") is None:
-        _note("no plots: matplotlib is not installed (pip install 'bayessparse[plots]')")
-    elif rows:
-        plots = plot_results(rows, folder)
-        print(f"plots {', '.join(str(p) for p in plots)}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted while merging: run --merge {folder} to finish", file=sys.stderr)
+        return 130
     return code

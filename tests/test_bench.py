@@ -410,7 +410,7 @@ def test_a_failing_row_names_itself_and_keeps_the_rows_before(tmp_path):
         (["--methods", "magnitude", "--sparsities", "0.5,1.0"], "sparsity in [0, 1), got '1.0'"),
         (["--methods", "magnitude", "--shard", "2/2"], "0 <= i < n, got '2/2'"),
         (["--model", "lenet7", "--methods", "magnitude"], "invalid choice: 'lenet7'"),
-        (["--methods", "lottery_iterative", "--budget", "8"], "at least 9 epochs"),
+        (["--methods", "dense,magnitude", "--budget", "1"], "at least 2 epochs"),
         (["--methods", "dense", "--budget", "2", "--out", ""], "expected a path"),
         (["--methods", "dense"], "bench needs --out (or --merge DIR"),
     ],
