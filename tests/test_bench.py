@@ -39,7 +39,7 @@ from bayessparse.bench.runner import RowFailed, reinit_seed, round_epochs
 from bayessparse.bench.store import RESULTS, row_path, to_csv, write_row
 from bayessparse.cli import main
 from bayessparse.data import Split
-from bayessparse.pruning import prunable_layers
+from bayessparse.pruning import prunable_layers, reinit_
 from bayessparse.pruning.magnitude import Magnitude
 
 # --- grid and shards --------------------------------------------------------------------
@@ -237,9 +237,11 @@ class Recording(Bench):
     def __init__(self, directory: Path, budget: int) -> None:
         super().__init__(directory, "lenet300", budget, synthetic(200, 0), synthetic(50, 1))
         self.phases: list[tuple[int, set[str]]] = []
+        self.options: list[dict[str, Any]] = []
 
     def fit(self, net: nn.Module, epochs: int, seed: int, **options: Any) -> float:
         self.phases.append((epochs, set(options)))
+        self.options.append(options)
         return super().fit(net, epochs, seed, **options)
 
 
@@ -295,6 +297,38 @@ def test_during_training_runs_hooks_then_prunes_finalizes_and_fine_tunes(tmp_pat
     assert [c[1] for c in method.calls if c[0] == "after_step"] == list(range(8))
     assert method.calls[-2:] == [("scores", 200), ("finalize_",)]  # all 200 examples
     assert masked_sparsity(net) == pytest.approx(0.75, abs=1e-5)  # whole weights: 266200
+
+
+def test_a_penalty_per_example_is_scaled_to_the_loop_s_summed_data_term(tmp_path):
+    bench, method = Recording(tmp_path, budget=1), Calls()
+    method.stage = "during_training"
+    method.penalty = lambda net: torch.tensor(0.25)  # type: ignore[method-assign]
+    bench._pruned(Item("lenet300", "calls", 0.5, 0), method)
+    # The loop sums the cross-entropy over the 200 training examples: 200 * 0.25.
+    assert float(bench.options[0]["penalty"](None)) == 50.0
+
+
+def test_reinit_starts_fine_tuning_from_fresh_weights_under_the_mask(tmp_path):
+    bench = Recording(tmp_path, budget=2)
+    starts = []
+
+    class Reinit(Magnitude):
+        policy = "reinit"
+
+    original_fit = bench.fit
+
+    def fit(net: nn.Module, epochs: int, seed: int, **options: Any) -> float:
+        starts.append(first_layer(net).weight.detach().clone())
+        return original_fit(net, epochs, seed, **options)
+
+    bench.fit = fit  # type: ignore[method-assign]
+    bench._pruned(Item("lenet300", "reinit", 0.5, 3), Reinit())
+    fresh = bench.initial_net(3)
+    reinit_(fresh, reinit_seed(3))
+    kept = starts[1] != 0
+    assert torch.equal(starts[1][kept], first_layer(fresh).weight.detach()[kept])
+    initial = first_layer(bench.initial_net(3)).weight.detach()
+    assert not torch.equal(starts[1][kept], initial[kept])  # not the lottery ticket's rewind
 
 
 def test_at_init_prunes_the_seeded_initial_net_then_trains_the_whole_budget(tmp_path):
