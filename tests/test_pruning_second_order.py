@@ -17,8 +17,12 @@ from torch.nn.utils import prune as torch_prune
 
 from bayessparse.pruning import OBD, KronOBS, LayerwiseOBS, prune
 from bayessparse.pruning.second_order import (
+    EigenDamage,
+    KFEBottleneck,
+    eigendamage,
     fisher_diagonal,
     hessian_diagonal,
+    kfe_reparameterise,
     kron_factors,
     kron_obd_saliency,
     kron_obs_saliency,
@@ -324,3 +328,99 @@ def test_kron_obs_prunes_hidden_units_and_applies_its_update():
         layer = net[int(name)]
         torch.testing.assert_close(layer.weight.detach(), expected[:, :-1], **TIGHT)
         torch.testing.assert_close(layer.bias.detach(), expected[:, -1], **TIGHT)
+
+
+def test_a_layer_the_loss_does_not_depend_on_costs_nothing_to_prune():
+    net, data = tiny_mlp(), tiny_data()
+    with torch.no_grad():
+        net[2].weight.zero_()  # no gradient reaches layer 0: its S is zero
+    before = net[0].weight.detach().clone()
+    assert torch.equal(
+        KronOBS().scores(net, data)["0.weight"], torch.zeros(4, 1, dtype=torch.float64)
+    )
+    masks = prune(net, KronOBS(), 0.5, data=data)
+    kept = masks["0.weight"].all(1)
+    assert torch.equal(net[0].weight.detach(), before * kept[:, None])  # no update
+
+    layer = linear_layer(3, 2)
+    silent = (torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5))  # H is zero
+    assert not LayerwiseOBS().scores(layer, silent)["0.weight"].any()
+
+
+# --- EigenDamage ----------------------------------------------------------------------
+
+
+def small_cnn(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(12, 5),
+        nn.ReLU(), nn.Linear(5, 3),
+    ).double()  # fmt: skip
+
+
+def cnn_data(n: int = 20):
+    return torch.randn(n, 1, 4, 4, dtype=torch.float64, generator=seeded(5)), torch.arange(n) % 3
+
+
+def test_the_kfe_reparameterisation_computes_the_same_function():
+    net, (x, y) = small_cnn(), cnn_data()
+    rotated = kfe_reparameterise(net, (x, y))
+    assert isinstance(rotated[0], KFEBottleneck) and isinstance(rotated[3], KFEBottleneck)
+    assert isinstance(rotated[5], nn.Linear)  # the classifier stays
+    torch.testing.assert_close(rotated(x), net(x), **TIGHT)
+    torch.testing.assert_close(eigendamage(net, (x, y), 0.0)(x), net(x), **TIGHT)
+
+
+def test_in_the_kfe_the_kfac_factors_are_diagonal_with_the_eigenvalues():
+    net, (x, y) = small_cnn(), cnn_data()
+    rotated = kfe_reparameterise(net, (x, y), fisher="empirical")
+    for name in ("0", "3"):
+        bottleneck = rotated.get_submodule(name)
+        core = {name: bottleneck.core}
+        a, s = kron_factors(rotated, (x, y), core, fisher="empirical")[name]
+        torch.testing.assert_close(a, torch.diag(bottleneck.eigenvalues_a), **TIGHT)
+        torch.testing.assert_close(s, torch.diag(bottleneck.eigenvalues_s), **TIGHT)
+
+
+def test_eigendamage_scores_are_the_kfe_loss_increase_of_rows_and_columns():
+    net, data = small_cnn(), cnn_data()
+    rotated = kfe_reparameterise(net, data)
+    bottleneck = rotated[3]
+    core = bottleneck.core.weight.detach()  # (5, 13): W' of the Linear(12, 5)
+    # ½ vec(Δ)ᵀ F vec(Δ) with F = diag(λ^S) ⊗ diag(λ^A) explicit, Δ one row or column.
+    fisher = torch.kron(torch.diag(bottleneck.eigenvalues_s), torch.diag(bottleneck.eigenvalues_a))
+    scores = EigenDamage().scores(rotated, None)
+    for i in range(5):
+        delta = torch.zeros_like(core)
+        delta[i] = core[i]
+        expected = 0.5 * delta.reshape(-1) @ fisher @ delta.reshape(-1)
+        torch.testing.assert_close(scores["3.core.weight"][i, 0], expected, **TIGHT)
+    for j in range(13):
+        delta = torch.zeros_like(core)
+        delta[:, j] = core[:, j]
+        expected = 0.5 * delta.reshape(-1) @ fisher @ delta.reshape(-1)
+        torch.testing.assert_close(scores["3.rotate_in.weight"][j, 0], expected, **TIGHT)
+    assert scores["0.core.weight"].shape == (3, 1, 1, 1)
+    assert scores["0.rotate_in.weight"].shape == (10, 1, 1, 1)  # 1·3·3 + 1 directions
+
+
+def test_eigendamage_cuts_the_pruned_directions_and_keeps_the_masked_function():
+    net, (x, y) = small_cnn(), cnn_data()
+    rotated = kfe_reparameterise(net, (x, y))
+    masks = prune(rotated, EigenDamage(), 0.6)
+    small = eigendamage(net, (x, y), 0.6)
+    torch.testing.assert_close(small(x), rotated(x), **TIGHT)
+    for name in ("0", "3"):
+        kept_in = int(masks[f"{name}.rotate_in.weight"].flatten(1).any(1).sum())
+        kept_out = int(masks[f"{name}.core.weight"].flatten(1).any(1).sum())
+        bottleneck = small.get_submodule(name)
+        assert bottleneck.core.weight.shape[:2] == (kept_out, kept_in)
+        assert bottleneck.rotate_out.weight.shape[1] == kept_out
+    assert sum(p.numel() for p in small.parameters()) < sum(
+        p.numel() for p in rotated.parameters()
+    )
+
+
+def test_eigendamage_scores_need_a_reparameterised_net():
+    with pytest.raises(ValueError, match="kfe_reparameterise"):
+        EigenDamage().scores(small_cnn(), None)

@@ -28,7 +28,7 @@ from bayessparse.pruning.magnitude import (
 )
 from bayessparse.pruning.policies import reinit_, rewind_, round_sparsities, snapshot
 from bayessparse.pruning.registry import get_method, methods, register
-from bayessparse.pruning.second_order import OBD, KronOBD, KronOBS, LayerwiseOBS
+from bayessparse.pruning.second_order import OBD, KronOBD, KronOBS, LayerwiseOBS, eigendamage
 
 __all__ = [
     "OBD",
@@ -48,6 +48,7 @@ __all__ = [
     "apply_masks_",
     "compute_masks",
     "cubic_sparsity",
+    "eigendamage",
     "get_method",
     "methods",
     "prunable_layers",

@@ -11,6 +11,11 @@ approximations of H of increasing structure:
   surviving weights.
 * :class:`KronOBD`, :class:`KronOBS` — whole output units, with the Kronecker-factored
   (K-FAC) Fisher F ≈ S ⊗ A of each layer.
+* :func:`eigendamage` — whole eigen-directions of S and A: each layer is rewritten in
+  the eigenbasis of its factors (:func:`kfe_reparameterise`), where the K-FAC Fisher is
+  diagonal, pruned there by :class:`EigenDamage`'s unit scores in the mask currency, and
+  compacted into a bottleneck of three smaller layers. It changes the architecture, so
+  it is a function returning a new network, not a registered method.
 
 All of them score the weights the layer computes with (``module.weight``, masked when
 pruned before), in the network's evaluation mode (no dropout, BatchNorm's running
@@ -19,6 +24,8 @@ statistics), and restore the training flags afterwards.
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -29,12 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vjp, vmap
 
+from bayessparse.compaction.pruned import compact_pruned
 from bayessparse.pruning.base import (
     Data,
     PruningMethod,
     loss_batches,
     param_key,
     prunable_layers,
+    prune,
     trained_weight,
 )
 from bayessparse.pruning.registry import register
@@ -206,6 +215,15 @@ def _inverse(matrix: Tensor) -> Tensor:
             "Pass a damping > 0 (e.g. 1e-4) or more data."
         )
     return torch.cholesky_inverse(factor).to(matrix.dtype)
+
+
+def _kept_curvatures(matrix: Tensor) -> Tensor:
+    """1 / [M⁻¹]_qq for every q: the curvature left along coordinate q when the others
+    move to compensate (OBS's denominator). Zero for a zero matrix: a layer the loss does
+    not depend on (e.g. behind a fully pruned layer) costs nothing to prune."""
+    if not bool(matrix.any()):
+        return torch.zeros_like(matrix.diagonal())
+    return 1 / _inverse(matrix).diagonal()
 
 
 def _solve_principal(matrix: Tensor, sets: Tensor, rhs: Tensor) -> Tensor:
@@ -476,8 +494,11 @@ def obs_update(weight: Tensor, keep: Tensor, hessian: Tensor) -> Tensor:
         The new (rows, d) weights, zero on ``~keep``.
 
     Raises:
-        ValueError: ``hessian`` is singular.
+        ValueError: ``hessian`` is singular (but not zero: a zero H, a layer the loss does
+            not depend on, leaves the survivors as they are).
     """
+    if not bool(hessian.any()):
+        return weight * keep
     inverse, hessian, old = _inverse(hessian.double()), hessian.double(), weight.double()
     pruned = ~keep
     few_kept = keep.sum(1) <= pruned.sum(1)
@@ -559,8 +580,7 @@ class LayerwiseOBS(PruningMethod):
         scores = {}
         for name, hessian in self._hessians(net, data).items():
             weight = trained_weight(layers[name]).detach()
-            inverse_diagonal = _inverse(hessian).diagonal()
-            saliency = _matrix(layers[name]).square() / (2 * inverse_diagonal)
+            saliency = 0.5 * _matrix(layers[name]).square() * _kept_curvatures(hessian)
             scores[param_key(name)] = saliency.reshape(weight.shape)
         return scores
 
@@ -674,7 +694,7 @@ def kron_obd_saliency(weight_bias: Tensor, a: Tensor, s: Tensor) -> Tensor:
 def kron_obs_saliency(weight_bias: Tensor, a: Tensor, s: Tensor) -> Tensor:
     """Kron-OBS: ΔL_i = ½ w̃_iᵀ A w̃_i / [S⁻¹]_ii, the least loss increase under
     F = S ⊗ A of zeroing row i of W̃ when the other rows compensate. One value per row."""
-    return 0.5 * _row_quadratics(weight_bias, a) / _inverse(s).diagonal()
+    return 0.5 * _row_quadratics(weight_bias, a) * _kept_curvatures(s)
 
 
 def kron_obs_update(weight_bias: Tensor, s: Tensor, pruned: Tensor) -> Tensor:
@@ -687,11 +707,12 @@ def kron_obs_update(weight_bias: Tensor, s: Tensor, pruned: Tensor) -> Tensor:
 
     Args:
         weight_bias: (out, d) matrix W̃.
-        s: (out, out) symmetric positive definite factor S.
+        s: (out, out) symmetric positive definite factor S (or zero: then the rows are
+            only zeroed).
         pruned: boolean (out,), true for the rows to remove.
     """
-    if not bool(pruned.any()):
-        return weight_bias.clone()
+    if not bool(pruned.any() and s.any()):  # nothing to remove, or no loss to keep
+        return weight_bias * ~pruned[:, None]
     inverse, old = _inverse(s.double()), weight_bias.double()
     coefficients = torch.linalg.solve(inverse[pruned][:, pruned], old[pruned])
     updated = old - inverse[:, pruned] @ coefficients
@@ -831,3 +852,216 @@ class KronOBS(_Kronecker):
             _write_(module, "weight", updated[:, :columns] * weight_mask)
             if module.bias is not None:
                 _write_(module, "bias", updated[:, columns])
+
+
+# ---------------------------------------------------------------------------------------
+# EigenDamage: pruning in the Kronecker-factored eigenbasis.
+
+
+class KFEBottleneck(nn.Sequential):
+    """A layer rewritten in the Kronecker-factored eigenbasis (KFE) of its K-FAC Fisher.
+
+    With A = Q_A diag(λ^A) Q_Aᵀ and S = Q_S diag(λ^S) Q_Sᵀ, the layer's W̃ = [W, b] is
+    Q_S W' Q_Aᵀ with W' = Q_Sᵀ W̃ Q_A, computed by three plain layers:
+
+    * ``rotate_in``: z = Q_Aᵀ ã (the weight is Q_Aᵀ without its last column, the bias
+      that column, when the layer has a bias; a Conv2d keeps the kernel, stride,
+      padding and dilation);
+    * ``core``: W' z, no bias (a 1×1 convolution for a Conv2d);
+    * ``rotate_out``: Q_S (W' z).
+
+    In this basis the K-FAC Fisher of W' is diagonal, diag(λ^S) ⊗ diag(λ^A). The
+    eigenvalues are non-persistent buffers ``eigenvalues_a`` and ``eigenvalues_s``: they
+    move with the module but are not in its state dict.
+    """
+
+    eigenvalues_a: Tensor
+    eigenvalues_s: Tensor
+
+    def __init__(
+        self,
+        rotate_in: nn.Module,
+        core: nn.Module,
+        rotate_out: nn.Module,
+        eigenvalues_a: Tensor,
+        eigenvalues_s: Tensor,
+    ) -> None:
+        super().__init__(OrderedDict(rotate_in=rotate_in, core=core, rotate_out=rotate_out))
+        self.register_buffer("eigenvalues_a", eigenvalues_a, persistent=False)
+        self.register_buffer("eigenvalues_s", eigenvalues_s, persistent=False)
+
+
+def _kfe_layers(layer: nn.Module, size: int, bias: bool) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Empty ``rotate_in``, ``core`` and ``rotate_out`` for ``layer`` (Linear or Conv2d:
+    :func:`kron_factors` accepts no other), with ``size`` eigen-directions of A."""
+    if isinstance(layer, nn.Linear):
+        out = layer.out_features
+        return (
+            nn.Linear(layer.in_features, size, bias=bias),
+            nn.Linear(size, out, bias=False),
+            nn.Linear(out, out, bias=False),
+        )
+    assert isinstance(layer, nn.Conv2d)
+    out = layer.out_channels
+    (height, width), (down, across) = layer.kernel_size, layer.stride
+    rotate_in = nn.Conv2d(layer.in_channels, size, (height, width), (down, across), bias=bias)
+    rotate_in.padding, rotate_in.dilation = layer.padding, layer.dilation
+    return rotate_in, nn.Conv2d(size, out, 1, bias=False), nn.Conv2d(out, out, 1, bias=False)
+
+
+def _kfe_bottleneck(layer: nn.Module, a: Tensor, s: Tensor) -> KFEBottleneck:
+    """``layer`` as a :class:`KFEBottleneck` for the K-FAC factors ``a`` and ``s``."""
+    eigenvalues_a, basis_a = torch.linalg.eigh(a.double())
+    eigenvalues_s, basis_s = torch.linalg.eigh(s.double())
+    fan_in = _matrix(layer).shape[1]
+    has_bias = basis_a.shape[0] > fan_in
+    # eigh may return tiny negative eigenvalues of these positive semi-definite factors.
+    bottleneck = KFEBottleneck(
+        *_kfe_layers(layer, basis_a.shape[0], has_bias),
+        eigenvalues_a.clamp(min=0),
+        eigenvalues_s.clamp(min=0),
+    )
+    weight = trained_weight(layer)
+    bottleneck.to(dtype=weight.dtype, device=weight.device)
+    rotate_in, core, rotate_out = bottleneck
+    _write_(rotate_in, "weight", basis_a.T[:, :fan_in])
+    if has_bias:
+        _write_(rotate_in, "bias", basis_a.T[:, fan_in])
+    _write_(core, "weight", basis_s.T @ _with_bias(layer).double() @ basis_a)
+    _write_(rotate_out, "weight", basis_s)
+    return bottleneck
+
+
+def _copy(net: nn.Module) -> nn.Module:
+    """A deep copy of ``net``, also when pruned in :mod:`torch.nn.utils.prune` format: the
+    masked ``weight`` attribute is no graph leaf after a forward pass, which deepcopy
+    refuses, so it is copied detached (the prune hook recomputes it anyway)."""
+    memo: dict[int, Any] = {
+        id(value): value.detach().clone()
+        for module in net.modules()
+        for value in module.__dict__.values()
+        if isinstance(value, Tensor) and not value.is_leaf
+    }
+    return copy.deepcopy(net, memo)
+
+
+def kfe_reparameterise(
+    net: nn.Module,
+    data: Data,
+    fisher: str = "true",
+    batch_size: int = 128,
+    num_batches: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """A copy of ``net`` with every prunable layer but the last replaced by its
+    :class:`KFEBottleneck`: the same function, with weights in the eigenbasis of the
+    layer's K-FAC factors (:func:`kron_factors`, same arguments).
+
+    Raises:
+        ValueError: the net has no prunable layer before its classifier, or one the
+            factors do not support (see :func:`kron_factors`).
+    """
+    _check_choice("fisher", fisher, FISHERS)
+    factors = kron_factors(net, data, hidden_layers(net), fisher, batch_size, num_batches, seed)
+    if not factors:
+        raise ValueError(
+            f"Expected a network with a Linear or Conv2d layer before its classifier, got "
+            f"{type(net).__name__} with none. EigenDamage rotates the hidden layers only."
+        )
+    rotated = _copy(net)
+    for name, (a, s) in factors.items():
+        parent, _, child = name.rpartition(".")
+        bottleneck = _kfe_bottleneck(net.get_submodule(name), a, s)
+        setattr(rotated.get_submodule(parent), child, bottleneck)
+    return rotated
+
+
+class EigenDamage(PruningMethod):
+    """EigenDamage's unit scores on a network rewritten by :func:`kfe_reparameterise`.
+
+    In the KFE the K-FAC Fisher of a core W' is diagonal, so removing W'_ij raises the
+    loss by ΔL_ij = ½ (W'_ij)² λ^S_i λ^A_j, and removing an eigen-direction removes a
+    row or a column of W':
+
+        row i (an output direction, a unit of ``core``):  Σ_j ΔL_ij,
+        column j (an input direction, a unit of ``rotate_in``):  Σ_i ΔL_ij.
+
+    The scores are unit scores of ``core`` (its rows) and of ``rotate_in`` (its rows,
+    i.e. W''s columns), so the shared selector makes masks on the reparameterised net's
+    units and compaction then removes them (:func:`eigendamage`). It is not registered:
+    it scores only :class:`KFEBottleneck` layers, which a plain net does not have.
+
+    References:
+        Wang, Grosse, Fidler, Zhang. "EigenDamage: Structured pruning in the
+        Kronecker-factored eigenbasis". ICML 2019, §4.
+    """
+
+    name = "eigendamage"
+    family = "second_order"
+    structure = "unit"
+
+    def scores(self, net: nn.Module, data: Data | None) -> dict[str, Tensor]:
+        scores = {}
+        for name, module in net.named_modules():
+            if not isinstance(module, KFEBottleneck):
+                continue
+            core_layer = module.get_submodule("core")
+            core = _matrix(core_layer)
+            outer = module.eigenvalues_s[:, None] * module.eigenvalues_a[None, :]
+            damage = 0.5 * core.square() * outer
+            ones = [1] * (trained_weight(core_layer).dim() - 1)
+            scores[param_key(f"{name}.core")] = damage.sum(1).reshape(-1, *ones)
+            scores[param_key(f"{name}.rotate_in")] = damage.sum(0).reshape(-1, *ones)
+        if not scores:
+            raise ValueError(
+                f"Expected a network rewritten by kfe_reparameterise, got "
+                f"{type(net).__name__} without KFEBottleneck layers. Call "
+                "eigendamage(net, data, sparsity), which rewrites it first."
+            )
+        return scores
+
+
+def eigendamage(
+    net: nn.Module,
+    data: Data,
+    sparsity: float,
+    scope: str = "global",
+    fisher: str = "true",
+    batch_size: int = 128,
+    num_batches: int | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """EigenDamage: structured pruning in the Kronecker-factored eigenbasis, one shot.
+
+    Every prunable layer but the classifier is rewritten in the KFE of its K-FAC Fisher
+    (:func:`kfe_reparameterise`): W̃ = Q_S W' Q_Aᵀ, three plain layers. Rows and columns
+    of each W' are scored by ΔL = ½ Σ (W'_ij)² λ^S_i λ^A_j over the row or column
+    (:class:`EigenDamage`); the shared selector prunes the lowest in the mask currency,
+    as units of the reparameterised net (rows of ``core`` and of ``rotate_in``), and
+    :func:`~bayessparse.compaction.pruned.compact_pruned` cuts them: each layer becomes a
+    bottleneck of three smaller layers, ``in → k_A → k_S → out``.
+
+    ``sparsity`` is the fraction of the weights of the ``rotate_in`` and ``core`` layers
+    to prune (the ``rotate_out`` columns of pruned rows go with them). A layer is
+    rewritten whatever the sparsity, so at low sparsity the bottleneck has more weights
+    than the layer it replaces (the paper keeps such layers as they were); the
+    classifier is not rewritten (as the paper's code).
+
+    Args:
+        net: the trained network (not modified).
+        data: ``(inputs, labels)`` for the K-FAC factors.
+        sparsity: the fraction to prune, in [0, 1).
+        scope: ``"global"`` (all layers ranked together, as the paper) or ``"layer"``.
+        fisher, batch_size, num_batches, seed: as in :func:`kron_factors`.
+
+    Returns:
+        A smaller plain network computing the pruned function (an ``nn.Sequential`` for
+        an ``nn.Sequential``); at sparsity 0 it computes ``net``'s function.
+
+    References:
+        Wang, Grosse, Fidler, Zhang. "EigenDamage: Structured pruning in the
+        Kronecker-factored eigenbasis". ICML 2019.
+    """
+    rotated = kfe_reparameterise(net, data, fisher, batch_size, num_batches, seed)
+    prune(rotated, EigenDamage(), sparsity, scope=scope)
+    return compact_pruned(rotated)
