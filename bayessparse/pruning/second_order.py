@@ -641,11 +641,16 @@ def kron_factors(
     Returns:
         ``(A, S)`` per layer name: A of size fan-in (+1 with a bias), S of size out.
 
+    Raises:
+        ValueError: for an unknown ``fisher``, or a layer other than a Linear or a
+            Conv2d with ``groups=1`` and zero padding.
+
     References:
         Martens, Grosse. "Optimizing neural networks with Kronecker-factored approximate
         curvature". ICML 2015. Grosse, Martens. "A Kronecker-factored approximate Fisher
         matrix for convolution layers". ICML 2016.
     """
+    _check_choice("fisher", fisher, FISHERS)
     if not layers:
         return {}
     device = next(net.parameters()).device
@@ -789,15 +794,17 @@ class KronOBD(_Kronecker):
 
     Args:
         fisher: ``"true"`` (labels sampled from the model, default) or ``"empirical"``.
-        damping: λ >= 0; A and S each get λ·mean(diag)·I added (default 1e-3), which
-            keeps S invertible when units are dead (their gradients are zero).
+        damping: λ >= 0; A and S each get λ·mean(diag)·I added (default 1e-3, as
+            :class:`KronOBS`, so that both rank with the same curvature; OBD inverts
+            nothing, and λ only adds λ·mean(diag) to each factor's curvatures).
         batch_size: examples per forward-backward pass.
         num_batches: use only the first ``num_batches`` batches of ``data`` (None: all).
         seed: seeds the sampled labels of the true Fisher.
 
     References:
         Wang, Grosse, Fidler, Zhang. "EigenDamage: Structured pruning in the
-        Kronecker-factored eigenbasis". ICML 2019, §3 (the C-OBD baseline).
+        Kronecker-factored eigenbasis". ICML 2019, §3 (Kron-OBD; the official code's
+        ``kfac_OBD_F2.py`` scores Σ_j w_ij² Σ_k A_jk instead of w̃_iᵀ A w̃_i).
     """
 
     name = "kron_obd"
@@ -830,7 +837,9 @@ class KronOBS(_Kronecker):
 
     References:
         Wang, Grosse, Fidler, Zhang. "EigenDamage: Structured pruning in the
-        Kronecker-factored eigenbasis". ICML 2019, §3 (the C-OBS baseline).
+        Kronecker-factored eigenbasis". ICML 2019, §3 (Kron-OBS; the official code's
+        ``kfac_OBS_F2.py`` scores Σ_j w_ij² Σ_k A_jk / [S⁻¹]_ii and sums the
+        single-unit updates instead of the set update).
     """
 
     name = "kron_obs"
@@ -961,7 +970,6 @@ def kfe_reparameterise(
         ValueError: the net has no prunable layer before its classifier, or one the
             factors do not support (see :func:`kron_factors`).
     """
-    _check_choice("fisher", fisher, FISHERS)
     factors = kron_factors(net, data, hidden_layers(net), fisher, batch_size, num_batches, seed)
     if not factors:
         raise ValueError(
