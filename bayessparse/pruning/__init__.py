@@ -7,6 +7,7 @@ A method scores weights (:class:`PruningMethod`); the shared selector of
 """
 
 from bayessparse.pruning import magnitude  # noqa: F401  (registers the methods)
+from bayessparse.pruning.at_init import SNIP, GraSP, SNIPOrthogonal
 from bayessparse.pruning.base import (
     POLICIES,
     STAGES,
@@ -33,7 +34,9 @@ from bayessparse.pruning.second_order import OBD, KronOBD, KronOBS, LayerwiseOBS
 __all__ = [
     "OBD",
     "POLICIES",
+    "SNIP",
     "STAGES",
+    "GraSP",
     "GradualMagnitude",
     "KronOBD",
     "KronOBS",
@@ -45,6 +48,7 @@ __all__ = [
     "MagnitudeReinit",
     "PruningMethod",
     "Random",
+    "SNIPOrthogonal",
     "apply_masks_",
     "compute_masks",
     "cubic_sparsity",
