@@ -30,12 +30,14 @@ from bayessparse.pruning.magnitude import (
 from bayessparse.pruning.policies import reinit_, rewind_, round_sparsities, snapshot
 from bayessparse.pruning.registry import get_method, methods, register
 from bayessparse.pruning.second_order import OBD, KronOBD, KronOBS, LayerwiseOBS, eigendamage
+from bayessparse.pruning.structured import FilterL1, NetworkSlimming, SparseStructureSelection
 
 __all__ = [
     "OBD",
     "POLICIES",
     "SNIP",
     "STAGES",
+    "FilterL1",
     "GraSP",
     "GradualMagnitude",
     "KronOBD",
@@ -46,9 +48,11 @@ __all__ = [
     "Magnitude",
     "MagnitudeIterative",
     "MagnitudeReinit",
+    "NetworkSlimming",
     "PruningMethod",
     "Random",
     "SNIPOrthogonal",
+    "SparseStructureSelection",
     "apply_masks_",
     "compute_masks",
     "cubic_sparsity",
