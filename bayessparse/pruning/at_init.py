@@ -111,7 +111,7 @@ def connection_sensitivity(
         try:
             logits = torch.func.functional_call(net, leaves, (x,))
         finally:
-            _recompute_pruned_(net)
+            recompute_pruned_(net)
         grads = torch.autograd.grad(F.cross_entropy(logits, y), weights)
     return {
         param_key(name): (weight.detach() * grad).abs()
@@ -119,9 +119,10 @@ def connection_sensitivity(
     }
 
 
-def _recompute_pruned_(net: nn.Module) -> None:
-    """Recompute ``weight = weight_orig * weight_mask`` of pruned layers from their own
-    tensors: torch prune's hook caches it, and a functional call leaves the substitute's."""
+def recompute_pruned_(net: nn.Module) -> None:
+    """Recompute ``weight = weight_orig * weight_mask`` of the pruned layers of ``net``:
+    torch prune's hook caches it at each forward pass, so it is stale after a change of
+    ``weight_orig`` (or a functional call, which leaves the substitute's)."""
     with torch.no_grad():
         for module in net.modules():
             for param in ("weight", "bias"):
