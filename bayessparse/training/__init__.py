@@ -3,13 +3,18 @@
 - :mod:`~bayessparse.training.objective`: what a step minimises: the ELBO of a Bayesian
   net by SVI (:class:`SVIObjective`), or a plain loss (:class:`SupervisedObjective`);
 - :mod:`~bayessparse.training.loop`: :func:`train`, one epoch at a time, every step checked;
+  :class:`Callback` hooks for what happens around it (evaluation, logging, a pruning
+  method's per-step work);
 - :mod:`~bayessparse.training.storage`: atomic writes, verified checkpoints, and
   :class:`RunFolder`, a directory owned by one run at a time.
 """
 
 from bayessparse.training.loop import (
+    Callback,
     CheckpointExists,
+    Evaluate,
     History,
+    Hooks,
     Schedule,
     TrainingDiverged,
     check_data,
@@ -35,9 +40,12 @@ from bayessparse.training.storage import (
 )
 
 __all__ = [
+    "Callback",
     "CheckpointError",
     "CheckpointExists",
+    "Evaluate",
     "History",
+    "Hooks",
     "Objective",
     "RunFolder",
     "RunFolderBusy",

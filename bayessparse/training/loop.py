@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,60 @@ class History:
     @property
     def completed(self) -> int:
         return len(self.epochs)
+
+
+class Callback:
+    """Hooks the loop calls; subclass and override the ones you need (all do nothing).
+
+    The loop itself only trains, checks and checkpoints; evaluation, logging and a
+    pruning method's per-step work are callbacks. :func:`train`'s ``eval_data``,
+    ``on_start``, ``on_epoch_end`` and ``after_step`` arguments are shorthands for them.
+    """
+
+    def on_start(self, history: History) -> None:
+        """Once every check has passed, before the first epoch (history may be restored)."""
+
+    def on_step(self, net: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
+        """After every optimiser step; ``step`` counts from the run's start."""
+
+    def on_epoch_end(self, net: nn.Module, record: dict[str, float]) -> None:
+        """After each epoch, before its checkpoint: may add entries to ``record``."""
+
+    def on_epoch_saved(self, record: dict[str, float]) -> None:
+        """After the epoch's checkpoint is written (stopping here loses nothing)."""
+
+
+class Evaluate(Callback):
+    """Adds the test error (and the compression of a Bayesian net) to each epoch's record."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def on_epoch_end(self, net: nn.Module, record: dict[str, float]) -> None:
+        record["test_error"] = error_rate(predict_logits(net, self.images), self.labels)
+        if any(True for _ in sparse_modules(net)):
+            record["compression"] = sparsity_report(net)["compression"]
+
+
+@dataclass
+class Hooks(Callback):
+    """Plain functions as a callback (``train``'s shorthand arguments)."""
+
+    start: Callable[[History], None] | None = None
+    epoch_end: Callable[[dict[str, float]], None] | None = None
+    step: AfterStep | None = None
+
+    def on_start(self, history: History) -> None:
+        if self.start is not None:
+            self.start(history)
+
+    def on_step(self, net: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
+        if self.step is not None:
+            self.step(net, optimizer, step)
+
+    def on_epoch_saved(self, record: dict[str, float]) -> None:
+        if self.epoch_end is not None:
+            self.epoch_end(record)
 
 
 def _bar(iterable: range, progress: bool | None, **kwargs: Any) -> Any:
@@ -228,10 +282,10 @@ class _Trainer:
         seed: int,
         settings: dict[str, Any],
         objective: Objective,
-        after_step: AfterStep | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         self.net, self.images, self.labels = net, images, labels
-        self.after_step = after_step
+        self.callbacks = list(callbacks)
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.schedule, self.seed, self.settings = schedule, seed, settings
         self.objective = objective
@@ -303,8 +357,8 @@ class _Trainer:
                     self.images[idx], self.labels[idx], self.kl_weight, self.lr_factor
                 )
             self._check_step(loss, epoch, i, idx)
-            if self.after_step is not None:
-                self.after_step(self.net, self.objective.optimizer, epoch * num_batches + i)
+            for callback in self.callbacks:
+                callback.on_step(self.net, self.objective.optimizer, epoch * num_batches + i)
             data_term, complexity = self.objective.last_terms
             data_sum += data_term
             kl_sum += complexity
@@ -375,6 +429,7 @@ def train(
     objective: str = "auto",
     penalty: Callable[[nn.Module], Tensor | None] | None = None,
     after_step: AfterStep | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> History:
     """Train a classifier, one epoch at a time: a Bayesian sparse one by SVI
     (``Trace_ELBO``, Adam), a plain one by Adam on the cross-entropy (plus a penalty).
@@ -417,6 +472,8 @@ def train(
         after_step: called after every optimiser step as ``after_step(net, optimizer,
             step)`` with the torch optimiser (``None`` under SVI) and the step counted
             from the run's start (e.g. a pruning schedule, or a proximal update).
+        callbacks: further :class:`Callback` objects, called after the shorthands above
+            in the order given.
 
     The run draws its random numbers (batch noise, dropout) from its own stream, seeded
     by ``seed`` and saved in checkpoints: the caller's global torch RNG is left as it was.
@@ -466,10 +523,14 @@ def train(
         seed=seed,
         settings=settings,
         objective=chosen,
-        after_step=after_step,
+        callbacks=[
+            *([Evaluate(*eval_data)] if eval_data is not None else []),
+            Hooks(on_start, on_epoch_end, after_step),
+            *callbacks,
+        ],
     )
     if checkpoint is None:
-        return _fit(trainer, None, eval_data, on_epoch_end, on_start, progress)
+        return _fit(trainer, None, progress)
     path = trainer.checkpoint = Path(checkpoint)
     with RunFolder(path.parent):
         if path.exists():
@@ -484,33 +545,19 @@ def train(
                 f"No checkpoint at {str(path)!r} to resume; starting from scratch.",
                 stacklevel=2,
             )
-        return _fit(trainer, path, eval_data, on_epoch_end, on_start, progress)
+        return _fit(trainer, path, progress)
 
 
-def _fit(
-    trainer: _Trainer,
-    path: Path | None,
-    eval_data: tuple[Tensor, Tensor] | None,
-    on_epoch_end: Callable[[dict[str, float]], None] | None,
-    on_start: Callable[[History], None] | None,
-    progress: bool | None,
-) -> History:
+def _fit(trainer: _Trainer, path: Path | None, progress: bool | None) -> History:
     # The run's own random stream: restored from the checkpoint or seeded, never the caller's.
     with torch.random.fork_rng(devices=[]):
-        return _fit_epochs(trainer, path, eval_data, on_epoch_end, on_start, progress)
+        return _fit_epochs(trainer, path, progress)
 
 
-def _fit_epochs(
-    trainer: _Trainer,
-    path: Path | None,
-    eval_data: tuple[Tensor, Tensor] | None,
-    on_epoch_end: Callable[[dict[str, float]], None] | None,
-    on_start: Callable[[History], None] | None,
-    progress: bool | None,
-) -> History:
+def _fit_epochs(trainer: _Trainer, path: Path | None, progress: bool | None) -> History:
     history, net = trainer.history, trainer.net
-    if on_start is not None:
-        on_start(history)
+    for callback in trainer.callbacks:
+        callback.on_start(history)
     history.sessions += 1
     if history.completed == 0:
         torch.manual_seed(trainer.seed)
@@ -524,10 +571,8 @@ def _fit_epochs(
     )
     for epoch in epoch_bar:
         record = trainer.run_epoch(epoch, progress)
-        if eval_data is not None:
-            record["test_error"] = error_rate(predict_logits(net, eval_data[0]), eval_data[1])
-            if any(True for _ in sparse_modules(net)):
-                record["compression"] = sparsity_report(net)["compression"]
+        for callback in trainer.callbacks:
+            callback.on_epoch_end(net, record)
         history.epochs.append(record)
         if path is not None:
             trainer.save(path)
@@ -535,7 +580,7 @@ def _fit_epochs(
             epoch_bar.set_postfix(
                 err=f"{record['test_error']:.2%}", comp=f"{record.get('compression', 1):.1f}x"
             )
-        if on_epoch_end is not None:
-            on_epoch_end(record)
+        for callback in trainer.callbacks:
+            callback.on_epoch_saved(record)
     history.wall_seconds = trainer.wall_seconds()
     return history
