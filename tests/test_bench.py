@@ -179,9 +179,9 @@ def test_measure_counts_weights_flops_units_and_compacted_parameters():
     assert m["achieved_sparsity"] == pytest.approx(1 / 3, rel=1e-15)
     assert m["compression"] == 1.5
     assert (m["flops_dense"], m["flops_nonzero"]) == (18, 12)  # one MAC per weight per example
-    # Inputs with a non-zero weight: 3 pixels, then the 3 hidden units (unit 2 is a
-    # constant relu(0.5) that the second layer still reads).
-    assert m["architecture"] == "3-3"
+    # The compacted net's units: 3 pixels in, then 2 hidden units (unit 2, a constant
+    # relu(0.5), is folded into the next layer's bias).
+    assert m["architecture"] == "3-2"
     assert m["params"] == 12 + 3 + 6 + 2
     # Compacted: input 0 dropped (Select), unit 2 folded into the next bias: 3*2+2 + 2*2+2.
     assert m["compact_params"] == 14

@@ -31,7 +31,8 @@ def measure(net: nn.Module, dense: nn.Module, images: Tensor, labels: Tensor) ->
         ``error``, ``nll``, ``ece`` (15 bins), ``brier``; ``weights`` (of the Linear and
         Conv layers, biases not counted), ``nonzero``, ``achieved_sparsity``,
         ``compression`` (``weights / nonzero``); ``flops_dense`` and ``flops_nonzero``
-        (MACs per example); ``architecture`` (kept units, papers' notation);
+        (MACs per example); ``architecture`` (the compacted net's units, papers'
+        notation: a hidden unit whose row is pruned is gone, its column in the next layer too);
         ``params`` and ``compact_params`` (all parameters before and after
         compaction); ``speedup`` (CPU time of ``dense`` over the compacted net's).
     """
@@ -50,7 +51,7 @@ def measure(net: nn.Module, dense: nn.Module, images: Tensor, labels: Tensor) ->
         "compression": total / nonzero if nonzero else float("inf"),
         "flops_dense": int(cost["dense"]),
         "flops_nonzero": int(cost["nonzero"]),
-        "architecture": architecture(net),
+        "architecture": architecture(small),
         "params": parameter_count(dense),
         "compact_params": parameter_count(small),
         "speedup": speedup(dense.eval(), small, images[:TIMING_BATCH]),

@@ -255,7 +255,8 @@ class Bench:
 
     def _at_init(self, item: Item, method: PruningMethod) -> tuple[nn.Module, float]:
         net = method.prepare_(self.initial_net(item.seed))
-        prune(net, method, item.sparsity, data=self.score_data(AT_INIT_EXAMPLES, item.seed))
+        data = self.score_data(AT_INIT_EXAMPLES, item.seed)
+        prune(net, method, item.sparsity, data=data, scope=scope_of(method))
         seconds = self.fit(net, self.budget, item.seed)
         return method.finalize_(net), seconds
 
@@ -278,7 +279,7 @@ class Bench:
         data = self.score_data(AFTER_TRAINING_EXAMPLES, item.seed)
         targets = round_sparsities(item.sparsity, method.rounds)
         for target, epochs in zip(targets, round_epochs(self.budget, method.rounds), strict=True):
-            prune(net, method, target, data=data)
+            prune(net, method, target, data=data, scope=scope_of(method))
             self._apply_policy(net, method.policy, state["init"], item.seed)
             seconds += self.fit(net, epochs, item.seed)
         return net, seconds
@@ -309,11 +310,24 @@ class Bench:
             return None if term is None else num_data * term
 
         seconds = self.fit(net, epochs, item.seed, penalty=penalty, after_step=method.after_step)
-        prune(net, method, item.sparsity, data=self.score_data(AFTER_TRAINING_EXAMPLES, item.seed))
+        data = self.score_data(AFTER_TRAINING_EXAMPLES, item.seed)
+        prune(net, method, item.sparsity, data=data, scope=scope_of(method))
         net = method.finalize_(net)
         if finetune_epochs(self.budget):
             seconds += self.fit(net, finetune_epochs(self.budget), item.seed)
         return net, seconds
+
+
+def scope_of(method: PruningMethod) -> str:
+    """Weight methods rank all layers together; unit methods prune each layer's share.
+
+    Counted in weights, a global target forces a unit method to prune whole layers: in
+    LeNet-300-100 the first layer holds 88 % of the weights, and pruning a hidden unit
+    removes its row there but not its column in the next layer (that goes only with
+    compaction), so 90 % cannot be reached without emptying the first layer. Per layer,
+    every hidden layer keeps its share of units (as Li et al. 2017 rank filters).
+    """
+    return "layer" if method.structure == "unit" else "global"
 
 
 def reinit_seed(seed: int) -> int:
