@@ -10,7 +10,7 @@ so ``prepare_`` has nothing to do. Nets are scored in their current mode (train 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -20,10 +20,14 @@ from torch import Tensor, nn
 from bayessparse.pruning.base import (
     Data,
     PruningMethod,
+    check_option,
     current_mask,
-    loss_batches,
+    device_batches,
+    leaf_name,
     param_key,
     prunable_layers,
+    recompute_pruned_,
+    require_data,
 )
 from bayessparse.pruning.registry import register
 
@@ -41,19 +45,6 @@ VARIANCE_SCALING: dict[str, Callable[[int, int], float]] = {
 ISOMETRY_RTOL = 1e-6
 
 Draw = Callable[[tuple[int, ...], torch.Generator, torch.dtype], Tensor]
-
-
-def check_option(name: str, value: Any, *, integer: bool = False, zero: bool = False) -> None:
-    """Check a method option: a positive number (``zero``: or 0), an integer if asked.
-
-    Raises:
-        ValueError: for anything else (bools, NaN, infinities included).
-    """
-    valid = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-    # NaN fails both comparisons.
-    if not (valid and (value >= 0 if zero else value > 0) and value < math.inf):
-        wanted = ("integer" if integer else "number") + (" >= 0" if zero else " > 0")
-        raise ValueError(f"Expected {name} to be a finite {wanted}, got {value!r}.")
 
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -75,11 +66,6 @@ def orthogonal(shape: tuple[int, ...], generator: torch.Generator, dtype: torch.
     """A weight whose flattened rows (``out``, ``in·kernel``) are orthonormal, or its
     columns when there are more rows (:func:`torch.nn.init.orthogonal_`, gain 1)."""
     return nn.init.orthogonal_(torch.empty(shape, dtype=dtype), generator=generator)
-
-
-def leaf_name(module: nn.Module, param: str = "weight") -> str:
-    """The name of the parameter that stores ``param``: ``weight_orig`` when pruned."""
-    return f"{param}_orig" if hasattr(module, f"{param}_orig") else param
 
 
 def initial_tensors(net: nn.Module, draw: Draw, seed: int) -> dict[str, Tensor]:
@@ -117,30 +103,6 @@ def connection_sensitivity(
         param_key(name): (weight.detach() * grad).abs()
         for name, weight, grad in zip(layers, weights, grads, strict=True)
     }
-
-
-def recompute_pruned_(net: nn.Module) -> None:
-    """Recompute ``weight = weight_orig * weight_mask`` of the pruned layers of ``net``:
-    torch prune's hook caches it at each forward pass, so it is stale after a change of
-    ``weight_orig`` (or a functional call, which leaves the substitute's)."""
-    with torch.no_grad():
-        for module in net.modules():
-            for param in ("weight", "bias"):
-                if hasattr(module, f"{param}_mask"):
-                    orig, mask = getattr(module, f"{param}_orig"), getattr(module, f"{param}_mask")
-                    setattr(module, param, orig * mask)
-
-
-def _batches(net: nn.Module, data: Data | None, batch_size: int, num: int) -> Iterator[Data]:
-    """The first ``num`` batches of ``data``, on the device of ``net``'s parameters."""
-    if data is None:
-        raise ValueError(
-            "Expected data=(inputs, targets) to score weights with the loss, got None. Pass "
-            "a few batches of the training set."
-        )
-    device = next(net.parameters()).device
-    for x, y in loss_batches(data, batch_size, num):
-        yield x.to(device), y.to(device)
 
 
 @register
@@ -198,7 +160,7 @@ class SNIP(PruningMethod):
         return initial_tensors(net, draw, self.seed)
 
     def scores(self, net: nn.Module, data: Data | None) -> dict[str, Tensor]:
-        x, y = next(_batches(net, data, self.batch_size, 1))
+        x, y = next(device_batches(net, require_data(self, data), self.batch_size, 1))
         return connection_sensitivity(net, x, y, self.initial_weights(net))
 
 
@@ -264,7 +226,7 @@ class SNIPOrthogonal(PruningMethod):
         return initial_tensors(net, orthogonal, self.seed)
 
     def scores(self, net: nn.Module, data: Data | None) -> dict[str, Tensor]:
-        x, y = next(_batches(net, data, self.batch_size, 1))
+        x, y = next(device_batches(net, require_data(self, data), self.batch_size, 1))
         return connection_sensitivity(net, x, y, self.initial_weights(net))
 
     def update_(self, net: nn.Module, masks: dict[str, Tensor], data: Data | None) -> None:
@@ -357,7 +319,9 @@ class GraSP(PruningMethod):
         self.batch_size, self.num_batches, self.temperature = batch_size, num_batches, temperature
 
     def scores(self, net: nn.Module, data: Data | None) -> dict[str, Tensor]:
-        batches = list(_batches(net, data, self.batch_size, self.num_batches))
+        batches = list(
+            device_batches(net, require_data(self, data), self.batch_size, self.num_batches)
+        )
         layers = prunable_layers(net)
         weights = [getattr(m, leaf_name(m)) for m in layers.values()]
         with torch.enable_grad():

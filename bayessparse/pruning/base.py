@@ -16,11 +16,11 @@ Bayesian layers or the training loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
@@ -138,17 +138,82 @@ def trained_weight(module: nn.Module) -> Tensor:
     return weight
 
 
+def unit_layers(net: nn.Module, *, check: bool = True) -> dict[str, nn.Module]:
+    """The layers whose output units can be pruned: every Linear and Conv layer of ``net``
+    (in ``named_modules`` order) but the last.
+
+    Raises:
+        ValueError: with ``check``, if there is none (a single Linear layer, say).
+    """
+    layers = list(prunable_layers(net).items())
+    if check and len(layers) < 2:
+        raise ValueError(
+            f"Expected a network with a Linear or Conv layer before its last one, got "
+            f"{type(net).__name__} with {len(layers)}: it has no units to prune, since the "
+            "last layer's outputs are the classes. Prune its weights with a weight method "
+            "such as 'magnitude' instead."
+        )
+    return dict(layers[:-1])
+
+
+def leaf_name(module: nn.Module, param: str = "weight") -> str:
+    """The name of the parameter that stores ``param``: ``weight_orig`` when pruned."""
+    return f"{param}_orig" if hasattr(module, f"{param}_orig") else param
+
+
+def recompute_pruned_(net: nn.Module) -> None:
+    """Recompute ``weight = weight_orig * weight_mask`` of the pruned layers of ``net``:
+    torch prune's hook caches it at each forward pass, so it is stale after a change of
+    ``weight_orig`` (or a functional call, which leaves the substitute's)."""
+    with torch.no_grad():
+        for module in net.modules():
+            for param in ("weight", "bias"):
+                if hasattr(module, f"{param}_mask"):
+                    orig, mask = getattr(module, f"{param}_orig"), getattr(module, f"{param}_mask")
+                    setattr(module, param, orig * mask)
+
+
+def check_option(
+    name: str, value: Any, *, integer: bool = False, zero: bool = False, optional: bool = False
+) -> None:
+    """Check a method option: a positive number (``zero``: or 0), an integer if asked,
+    or ``None`` if ``optional``.
+
+    Raises:
+        ValueError: for anything else (bools, NaN, infinities included).
+    """
+    if optional and value is None:
+        return
+    valid = not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
+    # NaN fails both comparisons.
+    if not (valid and (value >= 0 if zero else value > 0) and value < math.inf):
+        wanted = ("integer" if integer else "number") + (" >= 0" if zero else " > 0")
+        raise ValueError(f"Expected {name} to be a finite {wanted}, got {value!r}.")
+
+
+def device_batches(net: nn.Module, data: Data, batch_size: int, num: int | None) -> Iterator[Data]:
+    """The first ``num`` batches of ``data``, on the device of ``net``'s parameters."""
+    device = next(net.parameters()).device
+    for x, y in loss_batches(data, batch_size, num):
+        yield x.to(device), y.to(device)
+
+
+def require_data(method: PruningMethod, data: Data | None) -> Data:
+    """``data``, or a clear error for a method that scores with the loss and got none."""
+    if data is None:
+        raise ValueError(
+            f"Method {method.name!r} scores weights with the loss on data, got data=None. "
+            "Pass data=(inputs, targets), e.g. a few batches of the training set."
+        )
+    return data
+
+
 def loss_batches(data: Data, batch_size: int, num_batches: int | None = None) -> Iterator[Data]:
     """Consecutive ``(x, y)`` batches of ``data`` (all of it, or the first ``num_batches``)."""
     x, y = data
     starts = range(0, x.shape[0], batch_size)
     for start in starts if num_batches is None else starts[:num_batches]:
         yield x[start : start + batch_size], y[start : start + batch_size]
-
-
-def cross_entropy(net: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-    """The mean cross-entropy of ``net`` on a batch: the loss the methods' rules assume."""
-    return F.cross_entropy(net(x), y)
 
 
 def check_data(method: PruningMethod, data: Any) -> Data | None:
@@ -159,12 +224,7 @@ def check_data(method: PruningMethod, data: Any) -> Data | None:
             equal length.
     """
     if data is None:
-        if method.needs_data:
-            raise ValueError(
-                f"Method {method.name!r} scores weights with the loss on data, got data=None. "
-                "Pass data=(inputs, targets), e.g. a few batches of the training set."
-            )
-        return None
+        return require_data(method, data) if method.needs_data else None
     if (
         not isinstance(data, (tuple, list))
         or len(data) != 2

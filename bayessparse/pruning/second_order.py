@@ -40,11 +40,14 @@ from bayessparse.compaction.pruned import compact_pruned
 from bayessparse.pruning.base import (
     Data,
     PruningMethod,
-    loss_batches,
+    check_option,
+    device_batches,
     param_key,
     prunable_layers,
     prune,
+    require_data,
     trained_weight,
+    unit_layers,
 )
 from bayessparse.pruning.registry import register
 
@@ -57,16 +60,6 @@ _SOLVE_ELEMENTS = 2**24
 
 # ---------------------------------------------------------------------------------------
 # Shared helpers: options, evaluation mode, data, layer inputs and outputs.
-
-
-def _check_positive_int(name: str, value: Any, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"Expected {name} to be a positive integer{' or None' if optional else ''}, "
-            f"got {value!r}. Pass e.g. {name}=128."
-        )
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -92,24 +85,6 @@ def _evaluation(net: nn.Module) -> Iterator[None]:
     finally:
         for module, mode in zip(net.modules(), modes, strict=True):
             module.training = mode
-
-
-def _batches(
-    net: nn.Module, data: Data, batch_size: int, num_batches: int | None
-) -> Iterator[Data]:
-    """The batches of ``data`` on the device of ``net``'s parameters."""
-    device = next(net.parameters()).device
-    for x, y in loss_batches(data, batch_size, num_batches):
-        yield x.to(device), y.to(device)
-
-
-def _checked_data(method: PruningMethod, data: Data | None) -> Data:
-    if data is None:
-        raise ValueError(
-            f"Method {method.name!r} needs data=(inputs, targets), got data=None. Pass a few "
-            "batches of the training set."
-        )
-    return data
 
 
 @contextmanager
@@ -306,7 +281,7 @@ def fisher_diagonal(
     sums = {name: torch.zeros_like(value) for name, value in stored.items()}
     count = 0
     with _evaluation(net):
-        for x, y in _batches(net, data, batch_size, num_batches):
+        for x, y in device_batches(net, data, batch_size, num_batches):
             grads = per_example(stored, x, y)
             for name in sums:
                 sums[name] += grads[name].square().sum(0)
@@ -338,7 +313,7 @@ def hessian_diagonal(
     Returns:
         One tensor of the weight's shape per ``state_dict`` weight key.
     """
-    batches = list(_batches(net, data, batch_size, num_batches))
+    batches = list(device_batches(net, data, batch_size, num_batches))
     total = sum(x.shape[0] for x, _ in batches)
     diagonals = {}
     with _evaluation(net):
@@ -417,16 +392,16 @@ class OBD(PruningMethod):
     ) -> None:
         super().__init__(**options)
         _check_choice("curvature", curvature, CURVATURES)
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("num_batches", num_batches, optional=True)
-        _check_positive_int("hessian_limit", hessian_limit)
+        check_option("batch_size", batch_size, integer=True)
+        check_option("num_batches", num_batches, integer=True, optional=True)
+        check_option("hessian_limit", hessian_limit, integer=True)
         self.curvature = curvature
         self.batch_size = batch_size
         self.num_batches = num_batches
         self.hessian_limit = hessian_limit
 
     def scores(self, net: nn.Module, data: Data | None) -> dict[str, Tensor]:
-        data = _checked_data(self, data)
+        data = require_data(self, data)
         if self.curvature == "fisher":
             curvature = fisher_diagonal(net, data, self.batch_size, self.num_batches)
         else:
@@ -464,7 +439,7 @@ def input_hessians(
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     with _evaluation(net), torch.no_grad(), _recording(layers) as calls:
-        for x, _ in _batches(net, data, batch_size, num_batches):
+        for x, _ in device_batches(net, data, batch_size, num_batches):
             calls.clear()
             net(x)
             for name, seen in calls.items():
@@ -564,14 +539,14 @@ class LayerwiseOBS(PruningMethod):
     ) -> None:
         super().__init__(**options)
         _check_damping(damping)
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("num_batches", num_batches, optional=True)
+        check_option("batch_size", batch_size, integer=True)
+        check_option("num_batches", num_batches, integer=True, optional=True)
         self.damping = float(damping)
         self.batch_size = batch_size
         self.num_batches = num_batches
 
     def _hessians(self, net: nn.Module, data: Data | None) -> dict[str, Tensor]:
-        data = _checked_data(self, data)
+        data = require_data(self, data)
         hessians = input_hessians(net, data, self.batch_size, self.num_batches)
         return {name: _damped(h, self.damping) for name, h in hessians.items()}
 
@@ -597,13 +572,6 @@ class LayerwiseOBS(PruningMethod):
 
 # ---------------------------------------------------------------------------------------
 # Kronecker-factored OBD and OBS over output units.
-
-
-def hidden_layers(net: nn.Module) -> dict[str, nn.Module]:
-    """The prunable layers but the last in ``named_modules`` order (the classifier, whose
-    outputs are the classes)."""
-    layers = prunable_layers(net)
-    return dict(list(layers.items())[:-1])
 
 
 def kron_factors(
@@ -660,7 +628,7 @@ def kron_factors(
     s_sums: dict[str, Tensor] = {}
     examples = 0
     with _evaluation(net), _recording(layers) as calls:
-        for x, y in _batches(net, data, batch_size, num_batches):
+        for x, y in device_batches(net, data, batch_size, num_batches):
             calls.clear()
             with torch.enable_grad():
                 # Inputs that need grad make every layer output need grad, even of frozen
@@ -744,8 +712,8 @@ class _Kronecker(PruningMethod):
         super().__init__(**options)
         _check_choice("fisher", fisher, FISHERS)
         _check_damping(damping)
-        _check_positive_int("batch_size", batch_size)
-        _check_positive_int("num_batches", num_batches, optional=True)
+        check_option("batch_size", batch_size, integer=True)
+        check_option("num_batches", num_batches, integer=True, optional=True)
         self.fisher = fisher
         self.damping = float(damping)
         self.batch_size = batch_size
@@ -758,8 +726,8 @@ class _Kronecker(PruningMethod):
     def _factors(self, net: nn.Module, data: Data | None) -> dict[str, tuple[Tensor, Tensor]]:
         factors = kron_factors(
             net,
-            _checked_data(self, data),
-            hidden_layers(net),
+            require_data(self, data),
+            unit_layers(net),
             self.fisher,
             self.batch_size,
             self.num_batches,
@@ -970,7 +938,7 @@ def kfe_reparameterise(
         ValueError: the net has no prunable layer before its classifier, or one the
             factors do not support (see :func:`kron_factors`).
     """
-    factors = kron_factors(net, data, hidden_layers(net), fisher, batch_size, num_batches, seed)
+    factors = kron_factors(net, data, unit_layers(net), fisher, batch_size, num_batches, seed)
     if not factors:
         raise ValueError(
             f"Expected a network with a Linear or Conv2d layer before its classifier, got "

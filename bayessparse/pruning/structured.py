@@ -24,36 +24,20 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import prune as torch_prune
 
-from bayessparse.pruning.at_init import check_option, leaf_name, recompute_pruned_
 from bayessparse.pruning.base import (
     Data,
     PruningMethod,
     apply_masks_,
+    check_option,
+    leaf_name,
     param_key,
-    prunable_layers,
+    recompute_pruned_,
     trained_weight,
+    unit_layers,
 )
 from bayessparse.pruning.registry import register
 
 Hook = Callable[[nn.Module, Any, Tensor], Tensor]
-
-
-def unit_layers(net: nn.Module, *, check: bool = True) -> dict[str, nn.Module]:
-    """The layers whose output units can be pruned: every Linear and Conv layer of ``net``
-    (in ``named_modules`` order) but the last.
-
-    Raises:
-        ValueError: with ``check``, if there is none (a single Linear layer, say).
-    """
-    layers = list(prunable_layers(net).items())
-    if check and len(layers) < 2:
-        raise ValueError(
-            f"Expected a network with a Linear or Conv layer before its last one, got "
-            f"{type(net).__name__} with {len(layers)}: it has no units to prune, since the "
-            "last layer's outputs are the classes. Prune its weights with a weight method "
-            "such as 'magnitude' instead."
-        )
-    return dict(layers[:-1])
 
 
 def per_unit(layer: nn.Module, values: Tensor) -> Tensor:
