@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,9 @@ def test_masks_are_keyed_like_the_state_dict():
     net = mlp()
     masks = prune(net, "magnitude", 0.5)
     assert sorted(masks) == [param_key("1"), param_key("3"), param_key("5")]
+
+
+def test_the_readme_lists_every_registered_method():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| Name | Family |") :].split("\n\n")[0]
+    assert [name for name in NAMES if f"`{name}`" not in table] == []
