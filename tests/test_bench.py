@@ -308,27 +308,38 @@ def test_a_penalty_per_example_is_scaled_to_the_loop_s_summed_data_term(tmp_path
     assert float(bench.options[0]["penalty"](None)) == 50.0
 
 
-def test_reinit_starts_fine_tuning_from_fresh_weights_under_the_mask(tmp_path):
+def fine_tuning_start(tmp_path: Path, policy: str, seed: int) -> tuple[Recording, Tensor]:
+    """The first layer's weights when fine-tuning starts, after a prune with ``policy``."""
     bench = Recording(tmp_path, budget=2)
     starts = []
-
-    class Reinit(Magnitude):
-        policy = "reinit"
-
     original_fit = bench.fit
 
     def fit(net: nn.Module, epochs: int, seed: int, **options: Any) -> float:
         starts.append(first_layer(net).weight.detach().clone())
         return original_fit(net, epochs, seed, **options)
 
+    method = type("WithPolicy", (Magnitude,), {"policy": policy})()
     bench.fit = fit  # type: ignore[method-assign]
-    bench._pruned(Item("lenet300", "reinit", 0.5, 3), Reinit())
+    bench._pruned(Item("lenet300", policy, 0.5, seed), method)
+    return bench, starts[1]  # starts[0] is the cached pretraining
+
+
+def test_reinit_starts_fine_tuning_from_fresh_weights_under_the_mask(tmp_path):
+    bench, start = fine_tuning_start(tmp_path, "reinit", 3)
     fresh = bench.initial_net(3)
     reinit_(fresh, reinit_seed(3))
-    kept = starts[1] != 0
-    assert torch.equal(starts[1][kept], first_layer(fresh).weight.detach()[kept])
+    kept = start != 0
+    assert torch.equal(start[kept], first_layer(fresh).weight.detach()[kept])
     initial = first_layer(bench.initial_net(3)).weight.detach()
-    assert not torch.equal(starts[1][kept], initial[kept])  # not the lottery ticket's rewind
+    assert not torch.equal(start[kept], initial[kept])  # not the lottery ticket's rewind
+
+
+def test_rewind_starts_fine_tuning_from_the_initial_weights_under_the_mask(tmp_path):
+    bench, start = fine_tuning_start(tmp_path, "rewind", 3)
+    initial = first_layer(bench.initial_net(3)).weight.detach()
+    kept = start != 0
+    assert torch.equal(start[kept], initial[kept])  # survivors: their initial values
+    assert kept.float().mean() < 0.6  # and the mask stayed on
 
 
 def test_at_init_prunes_the_seeded_initial_net_then_trains_the_whole_budget(tmp_path):
@@ -355,27 +366,6 @@ def test_after_training_prunes_in_rounds_and_rewinds_to_the_cached_initial_weigh
     bench.phases.clear()
     bench._pruned(Item("lenet300", "magnitude", 0.5, 0), Magnitude())
     assert bench.phases == [(4, set())]
-
-
-def test_rewind_starts_fine_tuning_from_the_initial_weights_under_the_mask(tmp_path):
-    bench = Recording(tmp_path, budget=2)
-    starts = []
-
-    class Rewind(Magnitude):
-        policy = "rewind"
-
-    original_fit = bench.fit
-
-    def fit(net: nn.Module, epochs: int, seed: int, **options: Any) -> float:
-        starts.append(first_layer(net).weight.detach().clone())
-        return original_fit(net, epochs, seed, **options)
-
-    bench.fit = fit  # type: ignore[method-assign]
-    bench._pruned(Item("lenet300", "rewind", 0.5, 3), Rewind())
-    initial = first_layer(bench.initial_net(3)).weight.detach()
-    kept = starts[1] != 0
-    assert torch.equal(starts[1][kept], initial[kept])  # survivors: their initial values
-    assert kept.float().mean() < 0.6  # and the mask stayed on
 
 
 def test_a_row_of_a_bayesian_family_trains_once_per_seed_and_selects_each_sparsity(tmp_path):
