@@ -16,7 +16,9 @@ from bayessparse.pruning.base import (
     compute_masks,
     prunable_layers,
     prune,
+    set_masks_,
 )
+from bayessparse.pruning.dynamic import DSR, SET, DeepR, RigL, layer_counts
 from bayessparse.pruning.magnitude import (
     GradualMagnitude,
     LotteryTicket,
@@ -33,10 +35,13 @@ from bayessparse.pruning.second_order import OBD, KronOBD, KronOBS, LayerwiseOBS
 from bayessparse.pruning.structured import FilterL1, NetworkSlimming, SparseStructureSelection
 
 __all__ = [
+    "DSR",
     "OBD",
     "POLICIES",
+    "SET",
     "SNIP",
     "STAGES",
+    "DeepR",
     "FilterL1",
     "GraSP",
     "GradualMagnitude",
@@ -51,6 +56,7 @@ __all__ = [
     "NetworkSlimming",
     "PruningMethod",
     "Random",
+    "RigL",
     "SNIPOrthogonal",
     "SparseStructureSelection",
     "apply_masks_",
@@ -58,6 +64,7 @@ __all__ = [
     "cubic_sparsity",
     "eigendamage",
     "get_method",
+    "layer_counts",
     "methods",
     "prunable_layers",
     "prune",
@@ -65,5 +72,6 @@ __all__ = [
     "reinit_",
     "rewind_",
     "round_sparsities",
+    "set_masks_",
     "snapshot",
 ]

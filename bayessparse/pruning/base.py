@@ -314,6 +314,44 @@ def apply_masks_(net: nn.Module, masks: dict[str, Tensor]) -> None:
             torch_prune.custom_from_mask(module, param, mask)
 
 
+def set_masks_(
+    net: nn.Module, masks: dict[str, Tensor], optimizer: torch.optim.Optimizer | None = None
+) -> None:
+    """Replace the masks of ``net`` by ``masks`` (keyed like ``state_dict``), in
+    :mod:`torch.nn.utils.prune` format: unlike :func:`apply_masks_`, a mask may turn
+    pruned weights back on, as dynamic sparse training regrows them.
+
+    A weight that turns on starts a new connection: its ``weight_orig`` entry is set to 0
+    and, given ``optimizer``, so is its entry in every state tensor the optimizer keeps
+    for ``weight_orig`` (Adam's ``exp_avg`` and ``exp_avg_sq``, SGD's
+    ``momentum_buffer``), so that no stale momentum moves it (Evci et al. 2020).
+
+    Args:
+        net: the network, pruned or not.
+        masks: boolean masks of its Linear / Conv parameters.
+        optimizer: the optimizer training ``net``, or None (no state to reset).
+    """
+    modules = dict(net.named_modules())
+    with torch.no_grad():
+        for key, mask in masks.items():
+            layer_name, _, param = key.rpartition(".")
+            module = modules[layer_name]
+            old = getattr(module, f"{param}_mask", None)
+            if not isinstance(old, Tensor):  # a dense layer: nothing can turn on
+                torch_prune.custom_from_mask(module, param, mask.to(getattr(module, param).device))
+                continue
+            orig = getattr(module, f"{param}_orig")
+            new = mask.to(device=old.device, dtype=torch.bool)
+            turned_on = new & ~old.bool()
+            orig.masked_fill_(turned_on, 0.0)
+            state = optimizer.state.get(orig, {}) if optimizer is not None else {}
+            for value in state.values():
+                if isinstance(value, Tensor) and value.shape == orig.shape:
+                    value.masked_fill_(turned_on, 0.0)
+            old.copy_(new)
+            setattr(module, param, orig * old)
+
+
 def prune(
     net: nn.Module,
     method: str | PruningMethod,
