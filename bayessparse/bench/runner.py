@@ -44,7 +44,7 @@ from bayessparse.bench.grid import Item, kind
 from bayessparse.bench.measure import measure
 from bayessparse.bench.store import row_path, write_row
 from bayessparse.data import Split
-from bayessparse.masks import to_dense
+from bayessparse.masks import keep_probs, to_dense
 from bayessparse.pruning import (
     PruningMethod,
     get_method,
@@ -239,7 +239,8 @@ class Bench:
         state = self.cached(f"{item.method}-{item.seed}", make)
         net = build()
         net.load_state_dict(state["net"])
-        return to_dense(net, sparsity=item.sparsity, scope="global"), state["train_seconds"]
+        scope = "layer" if _scores_units(net) else "global"
+        return to_dense(net, sparsity=item.sparsity, scope=scope), state["train_seconds"]
 
     def _pruned(self, item: Item, method: PruningMethod) -> tuple[nn.Module, float]:
         if method.stage == "at_init":
@@ -328,6 +329,16 @@ def scope_of(method: PruningMethod) -> str:
     every hidden layer keeps its share of units (as Li et al. 2017 rank filters).
     """
     return "layer" if method.structure == "unit" else "global"
+
+
+def _scores_units(net: nn.Module) -> bool:
+    """Whether a Bayesian net keeps whole units (group scales, L0 unit gates): then, as for
+    the unit pruning methods (:func:`scope_of`), each layer prunes its share."""
+    layers = dict(net.named_modules())
+    return any(
+        keep.numel() < layers[key.rpartition(".")[0]].weight.numel()
+        for key, keep in keep_probs(net).items()
+    )
 
 
 def reinit_seed(seed: int) -> int:
