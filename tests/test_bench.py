@@ -36,7 +36,7 @@ from bayessparse.bench import (
 from bayessparse.bench.measure import architecture, measure, speedup
 from bayessparse.bench.plots import seed_means
 from bayessparse.bench.runner import RowFailed, reinit_seed, round_epochs
-from bayessparse.bench.store import RESULTS, row_path, to_csv, write_row
+from bayessparse.bench.store import RESULTS, row_path, to_csv, to_markdown, write_row
 from bayessparse.cli import main
 from bayessparse.data import Split
 from bayessparse.pruning import prunable_layers, reinit_
@@ -470,3 +470,16 @@ def test_merge_of_a_folder_without_rows_is_refused(tmp_path, capsys):
         capsys.readouterr().err
         == f"error: {tmp_path} holds no bench rows (rows/); give the --out of a bench\n"
     )
+
+
+def test_summary_table_averages_over_seeds_per_method_and_sparsity():
+    def row(method, sparsity, seed, error, ece):
+        return {"model": "lenet300", "method": method, "family": "f", "sparsity": sparsity,
+                "seed": seed, "error": error, "ece": ece}  # fmt: skip
+
+    rows = [row("dense", 0.0, 0, 0.02, 0.01), row("m", 0.9, 0, 0.02, 0.01),
+            row("m", 0.9, 1, 0.04, 0.03), row("m", 0.99, 0, None, None)]  # fmt: skip
+    table = to_markdown(rows).splitlines()
+    assert table[2] == "| method | family | dense | 90.0% | 99.0% |"
+    assert table[4] == "| dense | f | 2.00 / 0.0100 (n = 1) |  |  |"
+    assert table[5] == "| m | f |  | 3.00 / 0.0200 (n = 2) | n/a |"

@@ -41,6 +41,7 @@ from bayessparse.training import atomic_write, to_strict_json
 
 ROWS = "rows"
 RESULTS = "results.csv"
+SUMMARY = "summary.md"
 SETTINGS = "bench.json"
 
 COLUMNS = (
@@ -102,10 +103,45 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """A table per model: one line per method, one column per target sparsity, each cell
+    the mean over seeds of ``error % / ECE`` (and the seed count where it is not the
+    method's usual one); the dense reference's line reads its single point."""
+    cells: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        cells.setdefault((row["model"], row["method"], row["sparsity"]), []).append(row)
+    lines = []
+    for model in dict.fromkeys(row["model"] for row in rows):
+        sparsities = sorted({s for m, _, s in cells if m == model and s > 0})
+        header = " | ".join(f"{s:.1%}" for s in sparsities)
+        lines += [f"**{model}**: test error % / ECE, mean over seeds (n = seeds)", ""]
+        lines += [f"| method | family | dense | {header} |", "|---" * (len(sparsities) + 3) + "|"]
+        for method in dict.fromkeys(m for mm, m, _ in cells if mm == model):
+            line = [_cell(cells.get((model, method, s))) for s in (0.0, *sparsities)]
+            family = next(r["family"] for (mm, m, _), rs in cells.items() for r in rs
+                          if mm == model and m == method)  # fmt: skip
+            lines.append(f"| {method} | {family} | " + " | ".join(line) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(rows: list[dict[str, Any]] | None) -> str:
+    if not rows:
+        return ""
+    errors = [r["error"] for r in rows if r["error"] is not None]
+    eces = [r["ece"] for r in rows if r["ece"] is not None]
+    if not errors:
+        return "n/a"
+    ece = f"{sum(eces) / len(eces):.4f}" if eces else "n/a"
+    return f"{100 * sum(errors) / len(errors):.2f} / {ece} (n = {len(errors)})"
+
+
 def merge(directory: Path) -> list[dict[str, Any]]:
-    """Rebuild ``results.csv`` atomically from the row files; returns the rows."""
+    """Rebuild ``results.csv`` and ``summary.md`` atomically from the row files; returns
+    the rows."""
     rows = read_rows(directory)
     atomic_write(directory / RESULTS, to_csv(rows).encode())
+    atomic_write(directory / SUMMARY, to_markdown(rows).encode())
     return rows
 
 
