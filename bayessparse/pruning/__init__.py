@@ -31,20 +31,34 @@ from bayessparse.pruning.magnitude import (
 )
 from bayessparse.pruning.policies import reinit_, rewind_, round_sparsities, snapshot
 from bayessparse.pruning.registry import get_method, methods, register
+from bayessparse.pruning.regularisation import L1, L2, Decorrelation, GroupLasso, SensitivityDriven
 from bayessparse.pruning.second_order import OBD, KronOBD, KronOBS, LayerwiseOBS, eigendamage
 from bayessparse.pruning.structured import FilterL1, NetworkSlimming, SparseStructureSelection
+from bayessparse.pruning.supermask import (
+    FilterL2,
+    RandomUnit,
+    Supermask,
+    paganini_forde_grid,
+    rewind_to_sign_,
+    zero_pruned_,
+)
 
 __all__ = [
     "DSR",
+    "L1",
+    "L2",
     "OBD",
     "POLICIES",
     "SET",
     "SNIP",
     "STAGES",
+    "Decorrelation",
     "DeepR",
     "FilterL1",
+    "FilterL2",
     "GraSP",
     "GradualMagnitude",
+    "GroupLasso",
     "KronOBD",
     "KronOBS",
     "LayerwiseOBS",
@@ -56,9 +70,12 @@ __all__ = [
     "NetworkSlimming",
     "PruningMethod",
     "Random",
+    "RandomUnit",
     "RigL",
     "SNIPOrthogonal",
+    "SensitivityDriven",
     "SparseStructureSelection",
+    "Supermask",
     "apply_masks_",
     "compute_masks",
     "cubic_sparsity",
@@ -66,12 +83,15 @@ __all__ = [
     "get_method",
     "layer_counts",
     "methods",
+    "paganini_forde_grid",
     "prunable_layers",
     "prune",
     "register",
     "reinit_",
     "rewind_",
+    "rewind_to_sign_",
     "round_sparsities",
     "set_masks_",
     "snapshot",
+    "zero_pruned_",
 ]
