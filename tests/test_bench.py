@@ -483,3 +483,12 @@ def test_summary_table_averages_over_seeds_per_method_and_sparsity():
     assert table[2] == "| method | family | dense | 90.0% | 99.0% |"
     assert table[4] == "| dense | f | 2.00 / 0.0100 (n = 1) |  |  |"
     assert table[5] == "| m | f |  | 3.00 / 0.0200 (n = 2) | n/a |"
+
+
+def test_a_method_may_choose_its_scope_and_unit_methods_default_to_each_layer():
+    from bayessparse.bench.runner import scope_of
+    from bayessparse.pruning import get_method
+
+    assert scope_of(get_method("magnitude")) == "global"
+    assert scope_of(get_method("filter_l1")) == "layer"
+    assert scope_of(get_method("magnitude_local_rewind")) == "layer"

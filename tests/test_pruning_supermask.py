@@ -206,7 +206,7 @@ def test_the_paganini_forde_grid_names_registered_variants_of_each_cell():
     grid = paganini_forde_grid()
     registered = methods()
     assert len(grid) == len(set(grid)) == 12 and set(grid) <= set(registered)
-    cells = {(get_method(n).policy, getattr(get_method(n), "scope", "global")) for n in grid}
+    cells = {(get_method(n).policy, get_method(n).scope or "global") for n in grid}
     assert cells == {(p, s) for p in ("rewind", "reinit") for s in ("global", "layer")}
     assert (
         "lottery_iterative" in grid and registered["lottery_iterative"] is LotteryTicketIterative

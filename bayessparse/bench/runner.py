@@ -320,7 +320,8 @@ class Bench:
 
 
 def scope_of(method: PruningMethod) -> str:
-    """Weight methods rank all layers together; unit methods prune each layer's share.
+    """The method's own scope if it has one; else weight methods rank all layers together
+    and unit methods prune each layer's share.
 
     Counted in weights, a global target forces a unit method to prune whole layers: in
     LeNet-300-100 the first layer holds 88 % of the weights, and pruning a hidden unit
@@ -328,7 +329,7 @@ def scope_of(method: PruningMethod) -> str:
     compaction), so 90 % cannot be reached without emptying the first layer. Per layer,
     every hidden layer keeps its share of units (as Li et al. 2017 rank filters).
     """
-    return "layer" if method.structure == "unit" else "global"
+    return method.scope or ("layer" if method.structure == "unit" else "global")
 
 
 def _scores_units(net: nn.Module) -> bool:

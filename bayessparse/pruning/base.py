@@ -55,6 +55,8 @@ class PruningMethod:
         needs_data: whether :meth:`scores` needs ``data``.
         rounds: after-training methods prune in this many rounds, each followed by its
             share of the fine-tuning budget (iterative pruning; 1: one-shot).
+        scope: the scope the harness prunes with, ``"global"`` or ``"layer"``; ``None``
+            (default): global for weight methods, per layer for unit methods.
 
     Args:
         **options: method options (each method documents its own); unknown names raise.
@@ -67,6 +69,7 @@ class PruningMethod:
     structure: ClassVar[str] = "weight"
     needs_data: ClassVar[bool] = False
     rounds: ClassVar[int] = 1
+    scope: str | None = None
 
     def __init__(self, **options: Any) -> None:
         if options:

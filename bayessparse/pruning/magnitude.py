@@ -249,7 +249,8 @@ class GradualMagnitude(Magnitude):
             raise ValueError(f"Expected frequency to be an integer ≥ 1, got {frequency!r}.")
         if scope not in SCOPES:
             raise ValueError(f"Expected scope to be one of {SCOPES}, got {scope!r}.")
-        self.begin, self.end, self.frequency, self.scope = begin, end, frequency, scope
+        self.begin, self.end, self.frequency = begin, end, frequency
+        self.scope: str = scope
         self.final_sparsity: float | None = None  # set by start_
         self.begin_step = self.end_step = 0
         self.reached = 0.0
