@@ -52,6 +52,22 @@ RULES = [
         "methods are torch-only and know nothing of the Bayesian side or the harness",
     ),
     (
+        ["compression/*.py"],
+        [
+            "pyro",
+            "bayessparse.nn",
+            "bayessparse.distributions",
+            "bayessparse.masks",
+            "bayessparse.convert",
+            "bayessparse.infer",
+            "bayessparse.training",
+            "bayessparse.recipes",
+            "bayessparse.bench",
+            "bayessparse.cli",
+        ],
+        "compression beyond masks is torch-only, as the pruning methods",
+    ),
+    (
         ["nn/*.py", "distributions/*.py", "masks.py", "convert.py", "infer.py"],
         ["bayessparse.pruning", "bayessparse.bench"],
         "the Bayesian side knows no pruning method",

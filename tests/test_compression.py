@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -538,23 +537,3 @@ FORBIDDEN = (
     "bayessparse.cli",
     "bayessparse.bench",
 )
-
-
-def test_compression_imports_no_bayesian_layer_training_loop_or_harness():
-    for path in sorted((PACKAGE / "compression").glob("*.py")):
-        tree = ast.parse(path.read_text())
-        names = {
-            alias.name
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Import)
-            for alias in node.names
-        }
-        names |= {
-            node.module
-            for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
-        }
-        bad = sorted(n for n in names if any(n == f or n.startswith(f + ".") for f in FORBIDDEN))
-        # compaction/__init__ is the Bayesian entry; its torch-only modules are allowed.
-        bad += sorted(n for n in names if n == "bayessparse.compaction")
-        assert not bad, f"{path.name} imports {bad}"
