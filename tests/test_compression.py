@@ -521,19 +521,3 @@ def test_distillation_checks_its_arguments():
         distillation_loss(logits, logits, labels, temperature=0.0, alpha=0.5)
     with pytest.raises(ValueError, match="alpha"):
         distillation_loss(logits, logits, labels, temperature=1.0, alpha=1.5)
-
-
-# --- Import rules --------------------------------------------------------------------------
-
-FORBIDDEN = (
-    "pyro",
-    "bayessparse.nn",
-    "bayessparse.distributions",
-    "bayessparse.masks",
-    "bayessparse.convert",
-    "bayessparse.infer",
-    "bayessparse.training",
-    "bayessparse.recipes",
-    "bayessparse.cli",
-    "bayessparse.bench",
-)

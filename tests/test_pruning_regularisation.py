@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from bayessparse.pruning import get_method, prune
+from bayessparse.pruning.base import learning_rate
 from bayessparse.pruning.regularisation import (
     Decorrelation,
     GroupLasso,
     SensitivityDriven,
     bounded_insensitivity,
     decorrelation,
-    learning_rate,
     output_sensitivity,
 )
 

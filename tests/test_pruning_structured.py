@@ -122,7 +122,7 @@ def test_sss_proximal_step_uses_the_learning_rate_of_the_scales_group():
     expected = torch.tensor([0.95, 0.0, -0.25, 0.0, 0.15, 0.0], dtype=torch.float64)
     torch.testing.assert_close(scale.detach(), expected, rtol=1e-15, atol=1e-16)
     torch.testing.assert_close(net[2].sss_scale.detach(), before - 0.5, rtol=1e-15, atol=0)
-    with pytest.raises(ValueError, match="after prepare_"):
+    with pytest.raises(ValueError, match="after the method.s prepare_"):
         method.after_step(net, torch.optim.SGD(others, lr=0.1), step=1)
 
 

@@ -211,6 +211,24 @@ def require_data(method: PruningMethod, data: Data | None) -> Data:
     return data
 
 
+def learning_rate(optimizer: torch.optim.Optimizer | None, param: Tensor) -> float:
+    """The learning rate of the parameter group of ``optimizer`` that holds ``param``
+    (methods whose ``after_step`` scales an update by it: proximal steps, rewiring).
+
+    Raises:
+        ValueError: no optimizer (SVI), or none of its groups holds ``param``.
+    """
+    groups = [] if optimizer is None else optimizer.param_groups
+    for group in groups:
+        if any(p is param for p in group["params"]):
+            return float(group["lr"])
+    raise ValueError(
+        f"Expected a torch optimizer training the net's weights, got {optimizer!r}, which "
+        "does not. Build it from net.parameters() after the method's prepare_(net) and "
+        "start_(): the update is scaled by the weights' learning rate."
+    )
+
+
 def loss_batches(data: Data, batch_size: int, num_batches: int | None = None) -> Iterator[Data]:
     """Consecutive ``(x, y)`` batches of ``data`` (all of it, or the first ``num_batches``)."""
     x, y = data

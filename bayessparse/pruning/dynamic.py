@@ -28,6 +28,7 @@ from bayessparse.pruning.base import (
     PruningMethod,
     check_option,
     current_mask,
+    learning_rate,
     param_key,
     prunable_layers,
     set_masks_,
@@ -144,21 +145,6 @@ def top_k_among(scores: Tensor, among: Tensor, k: int) -> Tensor:
     chosen = torch.zeros_like(among).flatten()
     chosen[flat.topk(k).indices] = True
     return chosen.view_as(among)
-
-
-def learning_rate(optimizer: torch.optim.Optimizer, param: Tensor) -> float:
-    """The learning rate of the parameter group of ``optimizer`` holding ``param``.
-
-    Raises:
-        ValueError: no group holds it.
-    """
-    for group in optimizer.param_groups:
-        if any(p is param for p in group["params"]):
-            return float(group["lr"])
-    raise ValueError(
-        "Expected an optimizer that trains the masked weights (weight_orig), got one "
-        "without them. Build the optimizer from net.parameters() after start_()."
-    )
 
 
 def rewire_(

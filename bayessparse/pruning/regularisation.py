@@ -23,6 +23,7 @@ from bayessparse.pruning.base import (
     PruningMethod,
     check_option,
     leaf_name,
+    learning_rate,
     param_key,
     prunable_layers,
     recompute_pruned_,
@@ -119,23 +120,6 @@ def bounded_insensitivity(sensitivity: Tensor) -> Tensor:
     """``S̄ = (1 − S)·H(1 − S) = max(1 − S, 0)``: 1 for a weight the output ignores, 0 for
     one it depends on at rate 1 or more."""
     return (1.0 - sensitivity).clamp(min=0.0)
-
-
-def learning_rate(optimizer: torch.optim.Optimizer | None, param: Tensor) -> float:
-    """The learning rate of the parameter group of ``optimizer`` that holds ``param``.
-
-    Raises:
-        ValueError: no optimizer (SVI), or none of its groups holds ``param``.
-    """
-    groups = [] if optimizer is None else optimizer.param_groups
-    for group in groups:
-        if any(p is param for p in group["params"]):
-            return float(group["lr"])
-    raise ValueError(
-        f"Expected a torch optimizer training the net's weights, got {optimizer!r}, which "
-        "does not. Build it from net.parameters() after prepare_(net): the update is "
-        "scaled by the weights' learning rate."
-    )
 
 
 @register

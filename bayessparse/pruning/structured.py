@@ -30,6 +30,7 @@ from bayessparse.pruning.base import (
     apply_masks_,
     check_option,
     leaf_name,
+    learning_rate,
     param_key,
     recompute_pruned_,
     trained_weight,
@@ -330,7 +331,7 @@ class SparseStructureSelection(PruningMethod):
     def after_step(self, net: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         with torch.no_grad():
             for scale in self.scales(net).values():
-                scale.copy_(soft_threshold(scale, _learning_rate(optimizer, scale) * self.gamma))
+                scale.copy_(soft_threshold(scale, learning_rate(optimizer, scale) * self.gamma))
 
     def finalize_(self, net: nn.Module) -> nn.Module:
         for layer in unit_layers(net, check=False).values():
@@ -338,18 +339,3 @@ class SparseStructureSelection(PruningMethod):
                 fold_(layer, layer.get_parameter("sss_scale").detach())
                 _detach_(layer, "sss_scale")
         return net
-
-
-def _learning_rate(optimizer: torch.optim.Optimizer, param: Tensor) -> float:
-    """The learning rate of the parameter group of ``optimizer`` that holds ``param``.
-
-    Raises:
-        ValueError: no group holds it.
-    """
-    for group in optimizer.param_groups:
-        if any(p is param for p in group["params"]):
-            return float(group["lr"])
-    raise ValueError(
-        "Expected the optimizer to train the scales of sparse structure selection, got one "
-        "without them. Build the optimizer from net.parameters() after prepare_(net)."
-    )
