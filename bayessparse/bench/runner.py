@@ -6,7 +6,7 @@ training phase: lr constant, then linear to 0 over the phase's second half):
 - ``dense``: the plain network trained ``B`` epochs (the reference, sparsity 0);
 - Bayesian families: SVI for ``B`` epochs with the recipe's schedule scaled to ``B``,
   trained once per (method, seed) and cached; each sparsity keeps the weights of highest
-  keep-probability (global ranking) in the deterministic masked net, without fine-tuning;
+  keep-probability in the deterministic masked net, without fine-tuning;
 - pruning methods, by their ``stage``:
 
   - ``"at_init"``: prune the initial net (``prepare_`` first), train ``B`` epochs;
@@ -17,6 +17,9 @@ training phase: lr constant, then linear to 0 over the phase's second half):
   - ``"during_training"``: ``prepare_``, ``start_``, train ``B - F`` epochs with the
     method's penalty and ``after_step`` hook (``F = B // 4``), prune to ``s``,
     ``finalize_``, fine-tune ``F`` epochs.
+
+Weights are ranked across all layers; whole units (unit pruning methods, and the
+Bayesian families that gate units) are pruned by each layer's share (:func:`scope_of`).
 
 Every row starts from the same initial weights for a seed (torch's initialisation
 after ``torch.manual_seed(seed)``) and depends on nothing but its own settings, so a
