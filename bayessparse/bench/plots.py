@@ -66,6 +66,8 @@ def plot_results(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
         if dense:
             ax.axhline(sum(dense) / len(dense), color="black", linestyle="--", label=DENSE)
         ax.set_xscale("log")
+        if column == "error":  # from about 1 % to chance (90 %): a log axis shows both ends
+            ax.set_yscale("log")
         ax.set_xlabel("compression (weights / non-zero weights)")
         ax.set_ylabel(_LABELS[column])
         ax.grid(True, which="both", alpha=0.3)
