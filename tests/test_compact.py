@@ -213,3 +213,20 @@ def test_compact_takes_the_selection_of_to_dense(selection):
     assert not torch.allclose(small(x), compact(net)(x))  # not the default selection
     with pytest.raises(ValueError, match="either threshold= or sparsity="):
         compact(net, threshold=0.5, sparsity=0.5)
+
+
+def test_subnormal_weights_are_flushed_to_zero_and_their_dead_units_removed():
+    # Sparse VD leaves pruned means in the subnormal range; CPUs multiply them tens of
+    # times slower, and a unit holding only subnormals computes nothing but its bias.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    tiny = torch.finfo(torch.float32).tiny
+    with torch.no_grad():
+        net[0].weight[1] = tiny / 4  # a whole unit of subnormals
+        net[0].weight[2, :3] = -tiny / 8
+    small = compact_pruned(net)
+    weights = [p for p in small.parameters() if p.dim() == 2]
+    assert all(not ((w != 0) & (w.abs() < tiny)).any() for w in weights)
+    assert small[0].out_features == 3  # unit 1 is folded into the next bias
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(small(x), net(x), rtol=1e-5, atol=1e-6)

@@ -166,7 +166,24 @@ def _baked_copy(net: nn.Module) -> nn.Module:
             names = list(cast(nn.ModuleDict, module.parametrizations).keys())
             for name in names:
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    _flush_subnormals_(baked)
     return baked
+
+
+def _flush_subnormals_(net: nn.Module) -> None:
+    """Set the subnormal values of ``net``'s floating parameters to zero, in place.
+
+    Sparse VD drives the means of the weights it prunes toward zero, into the subnormal
+    range (about a quarter of LeNet-300-100's first-layer weights after 20 epochs). Kept
+    by a looser selection, they cost nothing numerically (each is below 1.2e-38) but a
+    CPU without flush-to-zero multiplies them tens of times slower: measured, the
+    compacted net ran 0.03x the dense one's speed with them and 2.5x without.
+    """
+    with torch.no_grad():
+        for param in net.parameters():
+            if param.is_floating_point():
+                tiny = torch.finfo(param.dtype).tiny
+                param.masked_fill_(param.abs() < tiny, 0.0)
 
 
 def _prune_names(module: nn.Module) -> list[str]:
