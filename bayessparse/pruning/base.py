@@ -318,21 +318,17 @@ def compute_masks(
 def apply_masks_(net: nn.Module, masks: dict[str, Tensor]) -> None:
     """Apply ``masks`` (keyed like ``state_dict``) in :mod:`torch.nn.utils.prune` format.
 
-    A layer pruned before keeps one ``weight_mask``, replaced by the new one (which the
-    selector keeps inside the old), so that ``state_dict`` keys stay the same whatever
-    the number of rounds.
+    Only ever removes weights: a layer pruned before keeps its pruned weights pruned and
+    its one ``weight_mask`` (narrowed in place by :func:`set_masks_`), so that
+    ``state_dict`` keys stay the same whatever the number of rounds.
     """
     modules = dict(net.named_modules())
+    narrowed = {}
     for key, mask in masks.items():
         layer_name, _, param = key.rpartition(".")
-        module = modules[layer_name]
-        mask = mask.to(device=getattr(module, param).device)
-        if hasattr(module, f"{param}_mask"):
-            old = getattr(module, f"{param}_mask")
-            old.copy_(mask.to(old.dtype) * old)
-            setattr(module, param, getattr(module, f"{param}_orig") * old)
-        else:
-            torch_prune.custom_from_mask(module, param, mask)
+        old = getattr(modules[layer_name], f"{param}_mask", None)
+        narrowed[key] = mask if old is None else mask.to(old.device).bool() & old.bool()
+    set_masks_(net, narrowed)
 
 
 def set_masks_(
@@ -370,7 +366,7 @@ def set_masks_(
                 if isinstance(value, Tensor) and value.shape == orig.shape:
                     value.masked_fill_(turned_on, 0.0)
             old.copy_(new)
-            setattr(module, param, orig * old)
+    recompute_pruned_(net)
 
 
 def prune(

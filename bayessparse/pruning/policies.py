@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.prune import BasePruningMethod
 
-from bayessparse.pruning.base import param_key
+from bayessparse.pruning.base import param_key, recompute_pruned_
 from bayessparse.sparsity import check_sparsity
 
 
@@ -72,7 +72,7 @@ def rewind_(net: nn.Module, saved: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for key, tensor in live.items():
             tensor.copy_(saved[key])
-    _refresh_pruned(net)
+    recompute_pruned_(net)
 
 
 def reinit_(net: nn.Module, seed: int) -> None:
@@ -176,13 +176,6 @@ def _check_matches(live: dict[str, Tensor], saved: dict[str, Tensor]) -> None:
             )
 
 
-def _refresh_pruned(net: nn.Module) -> None:
-    """Recompute ``weight = weight_orig * weight_mask`` now rather than at the next
-    forward, so that reading ``layer.weight`` gives the restored values at once."""
-    for _, module, tensor, hook in _pruned(net):
-        setattr(module, tensor, hook.apply_mask(module))
-
-
 @contextmanager
 def _originals_exposed(net: nn.Module) -> Iterator[None]:
     """Let ``layer.weight`` name ``weight_orig`` for a while, so that a layer's own
@@ -194,4 +187,4 @@ def _originals_exposed(net: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        _refresh_pruned(net)
+        recompute_pruned_(net)
