@@ -63,6 +63,7 @@ from bayessparse.recipes import (
     recipe,
     weighted_layers,
 )
+from bayessparse.sparsity import check_sparsity
 from bayessparse.training import (
     CheckpointError,
     RunFolder,
@@ -137,10 +138,10 @@ def _layer_option(text: str) -> tuple[str, Any]:
 
 
 def _sparsity(text: str) -> float:
-    value = _number(float, 0.0, 1.0)(text)
-    if value == 1:
-        raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), got {text!r}")
-    return float(value)
+    try:  # the library's rule (bayessparse.sparsity.check_sparsity), one line here
+        return check_sparsity(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), got {text!r}") from None
 
 
 def _method(text: str) -> str:
