@@ -1,0 +1,76 @@
+"""The reproduction runner's bookkeeping: finished runs are skipped, the table is theirs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce.py"
+
+
+@pytest.fixture
+def reproduce(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("reproduce", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "reproduce", module)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(module, "README", tmp_path / "README.md")
+    return module
+
+
+def _report(folder: Path, error: float, compression: float, architecture: str) -> None:
+    folder.mkdir(parents=True)
+    report = {
+        "error": error,
+        "compression": compression,
+        "architecture": architecture,
+        "nll": 0.05,
+        "ece": 0.002,
+        "train_seconds": 600.0,
+    }
+    (folder / "report.json").write_text(json.dumps(report))
+
+
+def test_table_gives_mean_and_spread_over_seeds_with_the_paper(reproduce):
+    _report(reproduce.run_folder("svd300-40ep", 0), 0.0168, 62.0, "400-100-50")
+    _report(reproduce.run_folder("svd300-40ep", 1), 0.0172, 64.0, "410-101-52")
+    lines = reproduce.table().splitlines()
+    assert len(lines) == 3  # header, rule, the one row with runs
+    row = lines[2]
+    assert "`--model lenet300`" in row and "| 2 |" in row
+    assert "1.70 ± 0.03 %" in row and "63.0 ± 1.4×" in row
+    assert "400-100-50, 410-101-52" in row and "1.92 % at 68×" in row
+
+
+def test_finished_runs_are_not_run_again(reproduce, monkeypatch):
+    calls = []
+    monkeypatch.setattr(reproduce, "cli_main", lambda argv: calls.append(argv) or 0)
+    _report(reproduce.run_folder("gnj-5", 0), 0.01, 5.0, "10-20-100-50")
+    assert reproduce.run("gnj-5", 0, threads=1) == 0
+    assert calls == []
+    reproduce.run("gnj-5", 1, threads=1)
+    (argv,) = calls
+    assert argv[:5] == ["train", "--model", "lenet5", "--method", "group_nj"]
+    assert "--resume" in argv and str(reproduce.run_folder("gnj-5", 1)) in argv
+
+
+def test_readme_table_is_replaced_between_markers_only(reproduce):
+    reproduce.README.write_text(f"intro\n{reproduce.BEGIN}\nold table\n{reproduce.END}\noutro\n")
+    _report(reproduce.run_folder("l0-300", 0), 0.0169, 3.2, "192-242-99")
+    reproduce.write_table()
+    text = reproduce.README.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{reproduce.END}\noutro\n")
+    assert "old table" not in text and "192-242-99" in text
+
+
+def test_unknown_row_is_a_usage_error(reproduce, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["no-such-row"])
+    assert exit_info.value.code == 2
+    assert "unknown rows no-such-row" in capsys.readouterr().err
