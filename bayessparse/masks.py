@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from bayessparse.convert import sparse_modules, unwrap_pyro_type
+from bayessparse.nn.attention import SparseMultiheadAttention, restore_fused_paths_
 from bayessparse.nn.base import SparseModule, torch_layer_kwargs, torch_layer_type
 from bayessparse.sparsity.selection import (
     Scores,
@@ -84,6 +85,15 @@ def masks(
         ValueError: for both a threshold and a sparsity, a value out of range or NaN, an
             unknown scope, or dict keys that name no sparse layer.
         TypeError: for a threshold or sparsity that is not a number (or dict of numbers).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import bayessparse as bs
+        >>> net = bs.to_sparse_(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+        >>> m = bs.masks(net, sparsity=0.5)  # the half of the weights least likely kept
+        >>> sorted(m), int(m["0.weight"].sum() + m["2.weight"].sum())
+        (['0.weight', '2.weight'], 9)
     """
     out: dict[str, Tensor] = {}
     for name, chosen in _select_layers(net, threshold, sparsity, scope).items():
@@ -261,6 +271,18 @@ def to_dense(
 
     Raises:
         ValueError, TypeError: for a bad selection, as :func:`masks`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import bayessparse as bs
+        >>> net = bs.to_sparse_(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+        >>> plain = bs.to_dense(net, sparsity=0.5)
+        >>> type(plain[0]).__name__, nn.utils.prune.is_pruned(plain)
+        ('Linear', True)
+        >>> baked = bs.to_dense(net, sparsity=0.5, bake=True)  # zeros, no prune buffers
+        >>> int((baked[0].weight != 0).sum() + (baked[2].weight != 0).sum())
+        9
     """
     if isinstance(net, SparseModule):  # a bare layer: no copy of the Pyro layer needed
         return _plain_layer(_select_layers(net, threshold, sparsity, scope)[""], bake)
@@ -286,7 +308,22 @@ def to_dense(
         _strip_pyro(module)
         if bake:  # layers pruned with torch.nn.utils.prune and left dense, too
             _bake_(module)
+    _plain_attention_(dense)
     return dense
+
+
+def _plain_attention_(net: nn.Module) -> None:
+    """Turn each sparse attention of ``net`` (with plain projections by now, baked or in
+    prune format) back into an ``nn.MultiheadAttention``, and torch's fused inference
+    paths back on."""
+    plain_of: dict[int, nn.Module] = {}
+    for parent in list(net.modules()):
+        for key, child in list(parent._modules.items()):
+            if isinstance(child, SparseMultiheadAttention):
+                if id(child) not in plain_of:
+                    plain_of[id(child)] = child.to_torch()
+                parent._modules[key] = plain_of[id(child)]
+    restore_fused_paths_(net)
 
 
 def _torch_pruned_names(module: nn.Module) -> list[str]:
@@ -407,6 +444,7 @@ def sparsity_report(
         threshold, sparsity, scope: the selection, as for :func:`masks`.
 
     Returns:
+        A dict of counts, keyed as
         ``{"layers": {name: {"weights", "kept", "sparsity", "inputs_kept",
         "outputs_kept", "threshold"}}, "weights", "kept", "sparsity", "compression",
         "selection"}``. A layer's ``"threshold"`` is the keep-probability cut it used

@@ -74,5 +74,19 @@ def compact(
     Raises:
         TypeError: for a network :mod:`torch.fx` cannot trace.
         ValueError: for a bad selection, as :func:`~bayessparse.masks`.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import bayessparse as bs
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> keep = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 1]])
+        >>> _ = nn.utils.prune.custom_from_mask(net[0], "weight", keep)  # unit 1 is dead
+        >>> small = bs.compact(net)
+        >>> small[0], small[2].in_features
+        (Linear(in_features=4, out_features=2, bias=True), 2)
+        >>> x = torch.randn(5, 4)
+        >>> torch.allclose(small(x), net(x), atol=1e-6)
+        True
     """
     return compact_pruned(to_dense(net, threshold, sparsity=sparsity, scope=scope))

@@ -173,6 +173,13 @@ class L0Linear(nn.Linear, _L0Gated):
         weight_decay: gated L2 coefficient (the paper's eq. 9).
         temperature, low, high: hard-concrete β, γ, ζ (2/3, −0.1, 1.1).
 
+    Example:
+        >>> layer = L0Linear(784, 300)  # one gate per input unit
+        >>> layer.keep_prob().shape
+        torch.Size([1, 784])
+        >>> round(layer.default_threshold, 4)  # P(z != 0) cut equal to the paper's z > 0
+        0.3102
+
     References:
         Louizos, Welling, Kingma (2018), *Learning Sparse Neural Networks through L0
         Regularization*, ICLR.
