@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -9,6 +10,8 @@ from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
+from bayessparse.nn import attention
+from bayessparse.nn.attention import SparseMultiheadAttention
 from bayessparse.nn.base import SparseModule
 from bayessparse.nn.group import (
     GroupNJConv1d,
@@ -64,6 +67,19 @@ METHODS: dict[str, dict[type[nn.Module], type[SparseModule]]] = {
 }
 
 
+# Layers with weights that to_sparse_ leaves dense, reported when it meets them: the exact
+# type rule skips their subclasses (and ConvTranspose), and the others have no sparse layer.
+DENSE_WEIGHTED: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.modules.conv._ConvNd,
+    nn.MultiheadAttention,
+    nn.Embedding,
+    nn.EmbeddingBag,
+    nn.Bilinear,
+    nn.RNNBase,
+)
+
+
 def unwrap_pyro_type(cls: type) -> type:
     """``T`` for a ``PyroModule[T]`` class made by Pyro (``to_pyro_module_``), else ``cls``."""
     plain: type = cls.__bases__[0] if cls.__bases__ else cls
@@ -100,7 +116,7 @@ def _convert(
     layer_kwargs: dict[str, Any],
 ) -> SparseModule:
     """The sparse layer replacing ``dense``, holding its Parameter objects and ties."""
-    layer = sparse_cls.from_dense(dense, **layer_kwargs)
+    layer = sparse_cls.from_dense(dense, **layer_kwargs).train(dense.training)
     # from_dense copies the values; keeping the objects keeps every tie, with layers that
     # are converted now, later or never, and with the references the caller holds. A
     # parameter pruned by torch.nn.utils.prune is not in _parameters (its ``_orig`` is).
@@ -148,6 +164,23 @@ def to_sparse_(
     stay exactly zero in training and evaluation, :func:`~bayessparse.masks` reports them
     pruned and :func:`~bayessparse.to_dense` keeps them pruned.
 
+    Attention: an ``nn.MultiheadAttention`` (with ``kdim == vdim == embed_dim``, as in
+    ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer``) becomes a
+    :class:`~bayessparse.nn.attention.SparseMultiheadAttention` whose input projection
+    (``in_proj``, the old ``in_proj_weight`` and ``in_proj_bias``) and ``out_proj`` are
+    sparse ``Linear`` layers, if ``include`` accepts the attention module's name; the
+    feed-forward ``Linear`` layers are converted as any other. torch's fused inference
+    path of ``nn.TransformerEncoderLayer`` reads weights directly, bypassing sparse
+    layers, so it is turned off in the encoder layers that hold them (and turned back on
+    by :func:`~bayessparse.to_dense`).
+
+    What stays dense, with a warning that lists it: subclasses of ``nn.Linear`` and
+    ``nn.ConvNd`` (the exact-type rule: they may compute differently), transposed
+    convolutions, attention with separate key/value sizes or an input projection pruned
+    with :mod:`torch.nn.utils.prune`, embeddings, ``nn.Bilinear`` and recurrent layers (no
+    sparse layer replaces them), and the attention's ``bias_k``/``bias_v``. Layers that
+    ``include`` rejects are not listed. Normalisation layers stay deterministic, silently.
+
     Args:
         net: the network to convert.
         method: the sparse family; one of ``bayessparse.convert.METHODS``.
@@ -190,11 +223,15 @@ def to_sparse_(
     owners: dict[int, tuple[str, SparseModule]] = {}
     for name, module in sparse_modules(net):
         owners.setdefault(id(module.weight), (name, module))
-    converted: dict[int, SparseModule] = {}
+    converted: dict[int, nn.Module] = {}
     for _, _, name, child in slots:
         if id(child) in chosen and id(child) not in converted:
             sparse_cls = table[unwrap_pyro_type(type(child))]
             converted[id(child)] = _convert(sparse_cls, child, name, owners, layer_kwargs)
+        elif id(child) not in converted and _attention_chosen(child, name, table, include):
+            converted[id(child)] = _convert_attention(
+                table[nn.Linear], child, name, owners, layer_kwargs
+            )
     for parent, key, _, child in slots:
         if id(child) in converted:
             # Assign in place: setattr on a PyroModule parent would move the child to the
@@ -209,8 +246,69 @@ def to_sparse_(
             f"{'passed include' if include is not None else 'in the network'}. The network "
             f"holds {found}. Check the include predicate or the layer types."
         )
+    _warn_dense(net, include)
+    attention.disable_fused_paths_(net)
     _pyro_tree_(net)
     return net
+
+
+def _attention_chosen(
+    module: Any,
+    name: str,
+    table: dict[type[nn.Module], type[SparseModule]],
+    include: Callable[[str, nn.Module], bool] | None,
+) -> bool:
+    """Whether ``module`` is an ``nn.MultiheadAttention`` to make sparse."""
+    return (
+        unwrap_pyro_type(type(module)) is nn.MultiheadAttention
+        and nn.Linear in table
+        and attention.convertible(module)
+        and (include is None or include(name, module))
+    )
+
+
+def _convert_attention(
+    linear: type[SparseModule],
+    dense: nn.Module,
+    name: str,
+    owners: dict[int, tuple[str, SparseModule]],
+    layer_kwargs: dict[str, Any],
+) -> SparseMultiheadAttention:
+    """The sparse attention replacing ``dense``, its projections made as by :func:`_convert`."""
+    assert isinstance(dense, nn.MultiheadAttention)
+    in_proj = _convert(
+        linear, attention.in_proj_shell(dense), f"{name}.in_proj", owners, layer_kwargs
+    )
+    out_proj = _convert(linear, dense.out_proj, f"{name}.out_proj", owners, layer_kwargs)
+    return SparseMultiheadAttention(dense, in_proj, out_proj)
+
+
+def _warn_dense(net: nn.Module, include: Callable[[str, nn.Module], bool] | None) -> None:
+    """One warning naming the layers with weights that stay dense (see to_sparse_)."""
+    dense: list[str] = []
+    for name, module in net.named_modules():
+        if any(name.startswith(f"{outer}.") for outer in dense):
+            continue  # inside a layer already listed (the out_proj of a dense attention)
+        if isinstance(module, SparseModule) or not isinstance(module, DENSE_WEIGHTED):
+            continue
+        if include is None or include(name, module):
+            dense.append(name)
+    extra = [
+        f"{name}.{key}"
+        for name, module in net.named_modules()
+        if isinstance(module, SparseMultiheadAttention)
+        for key in ("bias_k", "bias_v")
+        if getattr(module, key) is not None
+    ]
+    if dense or extra:
+        found = [f"{n} ({type(net.get_submodule(n)).__name__})" for n in dense] + extra
+        warnings.warn(
+            f"to_sparse_ leaves these weights dense: {', '.join(found)}. Only nn.Linear, "
+            "nn.Conv1d/2d/3d (exact types) and the projections of nn.MultiheadAttention "
+            "have sparse layers; pass include=... to silence this for layers you keep "
+            "dense on purpose.",
+            stacklevel=3,
+        )
 
 
 def _pyro_tree_(net: nn.Module) -> None:

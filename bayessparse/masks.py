@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from bayessparse.convert import sparse_modules, unwrap_pyro_type
+from bayessparse.nn.attention import SparseMultiheadAttention, restore_fused_paths_
 from bayessparse.nn.base import SparseModule, torch_layer_kwargs, torch_layer_type
 from bayessparse.sparsity.selection import (
     Scores,
@@ -307,7 +308,22 @@ def to_dense(
         _strip_pyro(module)
         if bake:  # layers pruned with torch.nn.utils.prune and left dense, too
             _bake_(module)
+    _plain_attention_(dense)
     return dense
+
+
+def _plain_attention_(net: nn.Module) -> None:
+    """Turn each sparse attention of ``net`` (with plain projections by now, baked or in
+    prune format) back into an ``nn.MultiheadAttention``, and torch's fused inference
+    paths back on."""
+    plain_of: dict[int, nn.Module] = {}
+    for parent in list(net.modules()):
+        for key, child in list(parent._modules.items()):
+            if isinstance(child, SparseMultiheadAttention):
+                if id(child) not in plain_of:
+                    plain_of[id(child)] = child.to_torch()
+                parent._modules[key] = plain_of[id(child)]
+    restore_fused_paths_(net)
 
 
 def _torch_pruned_names(module: nn.Module) -> list[str]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -14,11 +17,13 @@ from torch.nn.utils import prune
 import bayessparse as bs
 from bayessparse.models import LeNet5Caffe, LeNet300100
 from bayessparse.nn import (
+    SparseMultiheadAttention,
     VariationalConv1d,
     VariationalConv2d,
     VariationalConv3d,
     VariationalLinear,
 )
+from bayessparse.nn.base import torch_layer_kwargs
 from bayessparse.training import train
 
 
@@ -316,3 +321,167 @@ def test_pruned_weights_drop_out_of_the_kl(method, options):
         for name in ("weight", *layer.per_weight_params):
             getattr(layer, name)[~keep] = 5.0
     assert torch.allclose(layer.kl(), kl, rtol=1e-6)
+
+
+# --- Architectures beyond chains of Linear and Conv ------------------------------------
+
+
+class Varied(nn.Module):
+    """Grouped, dilated, strided and non-square convolutions (1-D and 2-D, circular
+    padding), batch norms, and containers nested in a Sequential: a ModuleList and a
+    ModuleDict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal = nn.Sequential(
+            nn.Conv1d(2, 4, 3, dilation=2, padding=2),
+            nn.BatchNorm1d(4),
+            nn.Conv1d(4, 6, 3, groups=2, stride=2),
+        )
+        self.image = nn.Sequential(
+            nn.ModuleList([nn.Conv2d(3, 6, (3, 1), padding=(1, 0), groups=3)]),
+            nn.ModuleDict(
+                {
+                    "wide": nn.Conv2d(
+                        6, 4, (1, 3), dilation=(1, 2), padding_mode="circular", padding=(0, 2)
+                    )
+                }
+            ),
+            nn.BatchNorm2d(4),
+        )
+        self.head = nn.Linear(6 + 4, 3)
+
+    def forward(self, signal, image):
+        s = self.signal(signal).mean(-1)
+        i = self.image[0][0](image).relu()
+        i = self.image[2](self.image[1]["wide"](i)).mean((2, 3))
+        return self.head(torch.cat([s, i], 1))
+
+
+@pytest.mark.parametrize("method", sorted(bs.convert.METHODS))
+def test_varied_convolutions_in_nested_containers_keep_their_options(method):
+    torch.manual_seed(0)
+    plain = Varied()
+    net = bs.to_sparse_(Varied(), method)
+    net.load_state_dict(plain.state_dict(), strict=False)
+    sparse = dict(bs.sparse_modules(net))
+    assert sorted(sparse) == [
+        "head",
+        "image.0.0",
+        "image.1.wide",
+        "signal.0",
+        "signal.2",
+    ]
+    for name, layer in sparse.items():
+        assert torch_layer_kwargs(layer) == torch_layer_kwargs(plain.get_submodule(name))
+    norms = [net.signal[1], net.image[2]]
+    assert all(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in norms)
+    assert not any(isinstance(m, bs.SparseModule) for m in norms)
+    x = (torch.randn(5, 2, 12), torch.randn(5, 3, 6, 7))
+    if method == "sparse_vd":  # the posterior mean, nothing pruned: the plain function
+        assert torch.allclose(bs.to_dense(net.eval(), 0.0)(*x), plain.eval()(*x), atol=1e-6)
+    net.train()(*x)  # plain torch batch norms: they update their running statistics
+    assert all(
+        bs.convert.unwrap_pyro_type(type(m)) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in norms
+    )
+    assert all(m.num_batches_tracked == 1 and m.running_mean.abs().sum() > 0 for m in norms)
+
+
+class Odd(nn.Module):
+    """Layers with weights that no sparse layer replaces, and one ordinary Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.up = nn.ConvTranspose1d(4, 4, 2)
+        self.own = type("OwnLinear", (nn.Linear,), {})(4, 4)
+        self.cross = nn.MultiheadAttention(4, 2, kdim=3, vdim=3)
+        self.head = nn.Linear(4, 2)
+
+
+def test_layers_left_dense_are_listed_in_one_warning():
+    with pytest.warns(UserWarning, match="leaves these weights dense") as record:
+        net = bs.to_sparse_(Odd())
+    assert len(record) == 1
+    message = str(record[0].message)
+    for name in ("embed (Embedding)", "up (ConvTranspose1d)", "own (OwnLinear)", "cross ("):
+        assert name in message
+    assert "cross.out_proj" not in message and "head (" not in message
+    assert [name for name, _ in bs.sparse_modules(net)] == ["head"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # what include rejects is not listed
+        bs.to_sparse_(Odd(), include=lambda name, m: name == "head")
+
+
+def encoder(dropout: float = 0.0) -> nn.TransformerEncoder:
+    layer = nn.TransformerEncoderLayer(
+        16, 4, dim_feedforward=24, dropout=dropout, batch_first=True
+    )
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+
+
+@pytest.mark.parametrize("method", sorted(bs.convert.METHODS))
+def test_transformer_attention_and_feed_forward_become_sparse(method):
+    torch.manual_seed(0)
+    plain = encoder().eval()
+    in_proj = plain.layers[0].self_attn.in_proj_weight
+    options = {"log_sigma2_init": -20.0} if method == "sparse_vd" else {}  # nothing pruned
+    net = bs.to_sparse_(copy.deepcopy(plain), method, **options)
+    names = [name for name, _ in bs.sparse_modules(net)]
+    per_layer = ["self_attn.in_proj", "self_attn.out_proj", "linear1", "linear2"]
+    assert names == [f"layers.{i}.{n}" for i in range(2) for n in per_layer]
+    attention = net.layers[0].self_attn
+    assert isinstance(attention, SparseMultiheadAttention)
+    assert torch.equal(attention.in_proj.weight, in_proj)
+    dense = bs.to_dense(net, threshold=0.0)
+    assert type(dense.layers[0].self_attn) is nn.MultiheadAttention
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        expected = plain(x)
+        assert dense(x).shape == expected.shape
+        if method == "sparse_vd":  # the posterior mean, nothing pruned: the plain function
+            assert torch.allclose(dense(x), expected, atol=1e-5)
+            assert torch.allclose(net(x), expected, atol=1e-5)
+
+
+def test_transformer_gates_and_masks_are_not_bypassed_by_the_fused_path():
+    """In evaluation without gradients torch's fused encoder path reads the weights
+    directly; with half the weights pruned it would differ from the masked network."""
+    torch.manual_seed(0)
+    net = bs.to_sparse_(encoder(), "sparse_vd").eval()
+    with torch.no_grad():
+        for _, layer in bs.sparse_modules(net):
+            layer.weight_log_sigma2.copy_(torch.randn_like(layer.weight_log_sigma2) * 4 - 6)
+        masks = bs.masks(net)
+        kept = sum(m.sum() for m in masks.values()) / sum(m.numel() for m in masks.values())
+        assert kept < 0.9
+        x = torch.randn(3, 5, 16)
+        dense = bs.to_dense(net)
+        assert dense.layers[0].activation_relu_or_gelu == 1  # the plain copy may use it
+        assert torch.allclose(net(x), dense(x), atol=1e-5)
+        assert torch.allclose(net.layers[0](x), dense.layers[0](x), atol=1e-5)
+
+
+def test_transformer_trains_by_svi():
+    torch.manual_seed(0)
+    net = bs.to_sparse_(encoder(dropout=0.1), "sparse_vd")
+    before = {name: p.detach().clone() for name, p in net.named_parameters()}
+    x, y = torch.randn(4, 5, 16), torch.randn(4, 5, 16)
+
+    def model(x, y):
+        out = net(x)
+        pyro.factor("kl", -bs.kl(net))
+        with pyro.plate("data", 100, subsample=torch.arange(len(x))):
+            pyro.sample("y", dist.Normal(out, 1.0).to_event(2), obs=y)
+
+    optim = bs.JointOptim(torch.optim.Adam, {"lr": 1e-2})
+    svi = SVI(model, bs.SparseGuide(net), optim, Trace_ELBO())
+    for _ in range(2):
+        svi.step(x, y)
+    store = dict(pyro.get_param_store().named_parameters())
+    for name in (
+        "layers.0.self_attn.in_proj.weight",
+        "layers.1.self_attn.out_proj.weight_log_sigma2",
+    ):
+        assert store[name] is net.get_parameter(name)
+        assert not torch.equal(net.get_parameter(name), before[name])

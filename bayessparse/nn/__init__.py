@@ -1,5 +1,6 @@
 """Bayesian sparse layers: drop-in replacements for ``nn.Linear`` and ``nn.ConvNd``."""
 
+from bayessparse.nn.attention import SparseMultiheadAttention
 from bayessparse.nn.base import SparseModule
 from bayessparse.nn.group import (
     GroupNJConv1d,
@@ -39,6 +40,7 @@ __all__ = [
     "L0Conv3d",
     "L0Linear",
     "SparseModule",
+    "SparseMultiheadAttention",
     "SpikeSlabConv1d",
     "SpikeSlabConv2d",
     "SpikeSlabConv3d",
