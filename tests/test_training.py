@@ -21,6 +21,7 @@ from bayessparse.training import (
     Schedule,
     SparseClassifier,
     StorageError,
+    Teacher,
     TrainingDiverged,
     load_checkpoint,
     train,
@@ -412,6 +413,48 @@ def test_a_plain_network_trains_by_the_supervised_objective_and_resumes_exactly(
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="SVI takes no penalty"):
         run(toy_net(), x, y, penalty=l1)
+
+
+def test_distilled_student_learns_from_a_frozen_teacher_and_resumes_exactly(tmp_path):
+    x, y = toy_problem()
+
+    def plain(seed=0, width=32):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(20, width), nn.ReLU(), nn.Linear(width, 3))
+
+    teacher = plain(seed=1, width=64).train()
+    before = [p.clone() for p in teacher.parameters()]
+    # alpha = 0 is the plain cross-entropy: the same steps as the supervised objective.
+    labels_only, hard = plain(), plain()
+    run(labels_only, x, y, epochs=2)
+    run(hard, x, y, epochs=2, teacher=Teacher(teacher, temperature=20.0, alpha=0.0))
+    for a, b in zip(labels_only.parameters(), hard.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    straight = plain()
+    soft = Teacher(teacher, temperature=20.0, alpha=0.9)
+    run(straight, x, y, epochs=3, teacher=soft)
+    assert not teacher.training  # predicted in eval mode, never trained
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+    assert not torch.allclose(straight[0].weight, labels_only[0].weight)
+
+    def interrupt(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(plain(), x, y, epochs=3, teacher=soft, checkpoint=ckpt, on_epoch_end=interrupt)
+    hotter = Teacher(teacher, temperature=5.0, alpha=0.9)
+    with pytest.raises(CheckpointError, match="teacher"):
+        run(plain(), x, y, epochs=3, teacher=hotter, checkpoint=ckpt, resume=True)
+    resumed = plain(seed=9)
+    run(resumed, x, y, epochs=3, teacher=soft, checkpoint=ckpt, resume=True)
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="SVI takes no teacher"):
+        run(toy_net(), x, y, teacher=soft)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        Teacher(teacher, temperature=0.0, alpha=0.5)
 
 
 def test_after_step_sees_every_step_with_the_torch_optimizer_and_pruned_nets_stay_pruned():

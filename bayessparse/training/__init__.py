@@ -1,7 +1,8 @@
 """Training sparse networks by SVI, with progress bars and checkpoints that survive crashes.
 
 - :mod:`~bayessparse.training.objective`: what a step minimises: the ELBO of a Bayesian
-  net by SVI (:class:`SVIObjective`), or a plain loss (:class:`SupervisedObjective`);
+  net by SVI (:class:`SVIObjective`), or a plain loss (:class:`SupervisedObjective`;
+  :class:`DistillationObjective` learns from a :class:`Teacher`);
 - :mod:`~bayessparse.training.loop`: :func:`train`, one epoch at a time, every step checked;
   :class:`Callback` hooks for what happens around it (evaluation, logging, a pruning
   method's per-step work);
@@ -21,10 +22,12 @@ from bayessparse.training.loop import (
     train,
 )
 from bayessparse.training.objective import (
+    DistillationObjective,
     Objective,
     SparseClassifier,
     SupervisedObjective,
     SVIObjective,
+    Teacher,
     make_objective,
 )
 from bayessparse.training.storage import (
@@ -43,6 +46,7 @@ __all__ = [
     "Callback",
     "CheckpointError",
     "CheckpointExists",
+    "DistillationObjective",
     "Evaluate",
     "History",
     "Hooks",
@@ -54,6 +58,7 @@ __all__ = [
     "SparseClassifier",
     "StorageError",
     "SupervisedObjective",
+    "Teacher",
     "TrainingDiverged",
     "atomic_write",
     "check_data",

@@ -20,7 +20,7 @@ from bayessparse.convert import sparse_modules
 from bayessparse.infer import linear_decay, linear_warmup
 from bayessparse.masks import sparsity_report
 from bayessparse.metrics import error_rate, predict_logits
-from bayessparse.training.objective import Objective, make_objective
+from bayessparse.training.objective import Objective, Teacher, make_objective
 from bayessparse.training.storage import (
     CheckpointError,
     RunFolder,
@@ -428,6 +428,7 @@ def train(
     progress: bool | None = None,
     objective: str = "auto",
     penalty: Callable[[nn.Module], Tensor | None] | None = None,
+    teacher: Teacher | None = None,
     after_step: AfterStep | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> History:
@@ -469,6 +470,8 @@ def train(
             ``"auto"``: SVI when ``net`` has Bayesian sparse layers, else supervised.
         penalty: the supervised objective's complexity term, ``penalty(net)``, weighted
             by the schedule's KL weight (e.g. an L1 norm).
+        teacher: distil from a trained network (:class:`~bayessparse.training.Teacher`,
+            supervised objective only); its temperature, alpha and weights are settings.
         after_step: called after every optimiser step as ``after_step(net, optimizer,
             step)`` with the torch optimiser (``None`` under SVI) and the step counted
             from the run's start (e.g. a pruning schedule, or a proximal update).
@@ -497,7 +500,7 @@ def train(
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"Expected seed to be an integer in [0, 2**32), got {seed!r}.")
     images, labels = check_data(net, images, labels)
-    chosen = make_objective(objective, net, images.shape[0], float(lr), penalty)
+    chosen = make_objective(objective, net, images.shape[0], float(lr), penalty, teacher)
     if eval_data is not None:
         eval_data = check_data(net, *eval_data, what="evaluation")
     schedule = schedule or Schedule()
@@ -512,6 +515,12 @@ def train(
         "training_data": fingerprint(images, labels),
         "objective": type(chosen).__name__,
     }
+    if teacher is not None:
+        settings["teacher"] = {
+            "temperature": teacher.temperature,
+            "alpha": teacher.alpha,
+            "weights": fingerprint(*teacher.net.state_dict().values()),
+        }
     trainer = _Trainer(
         net,
         images,

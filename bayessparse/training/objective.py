@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyro
@@ -20,6 +21,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
 
+from bayessparse.compression.distillation import distillation_loss
 from bayessparse.convert import sparse_modules
 from bayessparse.infer import JointOptim, SparseGuide, kl, project_
 
@@ -45,25 +47,51 @@ class Objective(Protocol):
 OBJECTIVES = ("auto", "svi", "supervised")
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """A trained network whose softened predictions a student learns from (Hinton,
+    Vinyals, Dean 2015): the supervised data term becomes
+    :func:`~bayessparse.compression.distillation_loss` at ``temperature`` and ``alpha``.
+
+    Raises:
+        ValueError: ``temperature`` not finite and positive, or ``alpha`` outside [0, 1].
+    """
+
+    net: nn.Module
+    temperature: float
+    alpha: float
+
+    def __post_init__(self) -> None:
+        if not 0 < self.temperature < math.inf or not 0 <= self.alpha <= 1:
+            raise ValueError(
+                f"Expected a finite temperature > 0 and alpha in [0, 1], got "
+                f"{self.temperature!r} and {self.alpha!r}. Hinton et al. use T = 20 on MNIST."
+            )
+
+
 def make_objective(
     kind: str,
     net: nn.Module,
     num_data: int,
     lr: float,
     penalty: Callable[[nn.Module], Tensor | None] | None = None,
+    teacher: Teacher | None = None,
 ) -> Objective:
     """The objective named ``kind``: ``"svi"``, ``"supervised"``, or ``"auto"`` (SVI for a
-    network with Bayesian sparse layers, supervised for any other).
+    network with Bayesian sparse layers, supervised for any other); supervised with a
+    ``teacher`` is :class:`DistillationObjective`.
 
     Raises:
         ValueError: an unknown kind, SVI for a network without sparse layers, or a
-            penalty given to SVI (whose complexity term is the KL).
+            penalty or teacher given to SVI (whose data term is the likelihood).
     """
     if kind not in OBJECTIVES:
         raise ValueError(f"Unknown objective {kind!r}. Choose one of {OBJECTIVES}.")
     bayesian = any(True for _ in sparse_modules(net))
     if kind == "auto":
         kind = "svi" if bayesian else "supervised"
+    if kind == "supervised" and teacher is not None:
+        return DistillationObjective(net, num_data, lr, teacher, penalty)
     if kind == "supervised":
         return SupervisedObjective(net, num_data, lr, penalty)
     if not bayesian:
@@ -73,6 +101,8 @@ def make_objective(
         )
     if penalty is not None:
         raise ValueError("SVI takes no penalty: its complexity term is the layers' KL.")
+    if teacher is not None:
+        raise ValueError("SVI takes no teacher: train a plain student by objective='supervised'.")
     return SVIObjective(net, num_data, lr)
 
 
@@ -199,10 +229,14 @@ class SupervisedObjective:
         self.optim = torch.optim.Adam(net.parameters(), lr=lr)
         self._last = (math.nan, math.nan)
 
+    def data_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """The batch's mean loss: the cross-entropy."""
+        return F.cross_entropy(self.net(x), y)
+
     def step(self, x: Tensor, y: Tensor, kl_weight: float, lr_factor: float) -> float:
         for group in self.optim.param_groups:
             group["lr"] = self.lr * lr_factor
-        data = F.cross_entropy(self.net(x), y) * self.num_data
+        data = self.data_loss(x, y) * self.num_data
         complexity = self.penalty(self.net) if self.penalty is not None else None
         if complexity is None:
             complexity = data.new_zeros(())
@@ -228,6 +262,37 @@ class SupervisedObjective:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optim.load_state_dict(state)
+
+
+class DistillationObjective(SupervisedObjective):
+    """:class:`SupervisedObjective` with the data term ``N *``
+    :func:`~bayessparse.compression.distillation_loss` of the student's and the
+    teacher's logits (Hinton, Vinyals, Dean 2015). The teacher is not trained: it
+    predicts in eval mode (no dropout) and without gradients.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        num_data: int,
+        lr: float,
+        teacher: Teacher,
+        penalty: Callable[[nn.Module], Tensor | None] | None = None,
+    ) -> None:
+        super().__init__(net, num_data, lr, penalty)
+        self.teacher = teacher
+
+    def data_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        self.teacher.net.eval()
+        with torch.no_grad():
+            teacher_logits = self.teacher.net(x)
+        return distillation_loss(
+            self.net(x),
+            teacher_logits,
+            y,
+            temperature=self.teacher.temperature,
+            alpha=self.teacher.alpha,
+        )
 
 
 def _release_stale_params(net: nn.Module) -> None:
