@@ -187,11 +187,10 @@ def _flush_subnormals_(net: nn.Module) -> None:
 
 
 def _prune_names(module: nn.Module) -> list[str]:
-    return [
-        name
-        for name in ("weight", "bias")
-        if f"{name}_orig" in module._parameters and f"{name}_mask" in module._buffers
-    ]
+    """The parameters of ``module`` in prune format: ``weight`` and ``bias``, and any other
+    (``nn.MultiheadAttention``'s ``in_proj_weight``)."""
+    names = [key.removesuffix("_orig") for key in module._parameters if key.endswith("_orig")]
+    return [name for name in names if f"{name}_mask" in module._buffers]
 
 
 def _apply(module: fx.GraphModule, plan: Any) -> None:
