@@ -40,7 +40,7 @@ class SparseMultiheadAttention(nn.Module):
     sparse ``out_proj``. For self-attention (``query is key is value``) the input
     projection is one call; otherwise query, key and value are projected by separate
     calls, each keeping its third of the output. The identity projections given to
-    torch's attention cost two extra ``embed_dim``² products per token in training and
+    torch's attention cost two extra products of size embed_dim² per token in training and
     evaluation; the plain network from :meth:`to_torch` has none.
     """
 
