@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bayessparse.models import LeNet300100
 from bayessparse.pruning import DSR, SET, DeepR, RigL, get_method, layer_counts, prune, set_masks_
 from bayessparse.pruning.dynamic import adapt_threshold, apportion, cosine_drop_fraction
 
@@ -149,6 +150,17 @@ def deepr_layer(sparsity: float = 0.5, **options) -> tuple[nn.Module, DeepR]:
     method.prepare_(net)
     method.start_(net, sparsity, 10)
     return net, method
+
+
+def test_deepr_shares_connections_near_the_official_scripts_hand_set_ones():
+    # The official MNIST script connects 1 % - 3 % - 30 % of LeNet-300-100's layers;
+    # Erdős–Rényi's shares are near that, where uniform ones starve the output layer.
+    net = LeNet300100()
+    method = DeepR()
+    method.prepare_(net)
+    method.start_(net, 0.98, 10)
+    assert counts(net) == layer_counts([(300, 784), (100, 300), (10, 100)], 0.98, "er")
+    assert counts(net) == [3621, 1336, 367]  # 1.5 % - 4.5 % - 37 %
 
 
 def test_deepr_puts_connections_that_cross_zero_to_sleep_and_wakes_as_many():

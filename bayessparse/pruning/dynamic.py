@@ -607,13 +607,17 @@ class DeepR(DynamicSparse):
     independently of the magnitudes; the distribution is the same), fixed for good, so
     a connection keeps its sign through every rewiring. :meth:`finalize_` removes the
     buffers. The defaults are the official MNIST script's: α = 10⁻⁵ and noise of std
-    ``η·10⁻⁵`` at η = 0.5, i.e. ``T = η·(10⁻⁵)²/2 = 2.5·10⁻¹¹``; the initial connections
-    are uniform over the layers, where the script sets each layer's by hand.
+    ``η·10⁻⁵`` at η = 0.5, i.e. ``T = η·(10⁻⁵)²/2 = 2.5·10⁻¹¹``. The script sets each
+    layer's connections by hand, 1 % - 3 % - 30 % of LeNet-300-100's: the Erdős–Rényi
+    shares are near them at any target (1.5 % - 4.5 % - 37 % at 98 % sparsity), where a
+    uniform share leaves the output layer 20 connections for 10 classes (25.6 % error
+    after 40 epochs).
 
     Args:
         alpha: α ≥ 0, the L1 term on the magnitudes.
         temperature: T ≥ 0, the noise's temperature.
-        distribution: the share of each layer, ``"uniform"``, ``"er"`` or ``"erk"``.
+        distribution: the share of each layer, ``"er"`` (near the official script's),
+            ``"erk"`` or ``"uniform"``.
         seed: seeds the random masks, rewiring and noise.
 
     Raises:
@@ -630,7 +634,7 @@ class DeepR(DynamicSparse):
         self,
         alpha: float = 1e-5,
         temperature: float = 2.5e-11,
-        distribution: str = "uniform",
+        distribution: str = "er",
         seed: int = 0,
         **options: Any,
     ) -> None:
