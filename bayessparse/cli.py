@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib.util
 import json
 import math
@@ -39,6 +40,9 @@ from bayessparse.bench import (
 from bayessparse.bench.plots import plot_results
 from bayessparse.bench.runner import RowFailed
 from bayessparse.bench.store import RESULTS, ROWS, row_path
+from bayessparse.configs import CONFIG, ConfigError, run_config_text, shipped, toml_value
+from bayessparse.configs import find as find_config
+from bayessparse.configs import read as read_config
 from bayessparse.convert import sparse_modules
 from bayessparse.data import DataError, Split, hold_out, load_mnist, preprocess
 from bayessparse.evaluation import (
@@ -77,6 +81,7 @@ from bayessparse.training import (
     to_strict_json,
     train,
 )
+from bayessparse.training.logbook import EPOCHS_CSV, LOGBOOK_FILES, Logbook
 from bayessparse.training.loop import MAX_SEED
 from bayessparse.training.storage import torch_bytes
 
@@ -181,6 +186,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     t = sub.add_parser("train", help="train a sparse network on MNIST, threshold, report")
+    t.add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings from a TOML file (option = value for any option below; flags given "
+        "here override it), a run folder's config.toml, or a shipped config by name: "
+        f"{', '.join(shipped())}",
+    )
     t.add_argument("--model", choices=sorted(MODELS), default="lenet300")
     t.add_argument(
         "--method",
@@ -331,6 +343,140 @@ def _add_bench_parser(sub: Any) -> None:
     )
 
 
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, with ``train --config FILE`` read in as the options' defaults.
+
+    The file's values go through the flags' own types and choices; flags given on the
+    command line override them. A bad file exits 2 with one line, as a bad flag does.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    train = _subparser(parser, "train")
+    try:
+        defaults = _config_defaults(train, read_config(find_config(args.config)))
+    except ConfigError as err:
+        parser.exit(2, f"error: --config {args.config}: {err}\n")
+    # Of exclusive flags (--threshold / --sparsity), one given replaces the file's choice.
+    exclusive = [group._group_actions for group in train._mutually_exclusive_groups]
+    given = {a.dest for group in exclusive for a in group if getattr(args, a.dest) != a.default}
+    unset = {a.dest: a.default for group in exclusive for a in group}
+    train.set_defaults(**defaults)
+    final = parser.parse_args(argv)
+    for group in exclusive:
+        if given & {a.dest for a in group}:
+            for a in group:
+                if a.dest not in given:
+                    setattr(final, a.dest, unset[a.dest])
+    return final
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise LookupError(f"no subcommand {name!r}")
+
+
+def _config_keys(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """``{key: action}``: a config key is an option's name (``batch_size`` for
+    ``--batch-size``, ``no_train_clip``) or its destination (``train_clip``)."""
+    keys = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        flags = (flag.lstrip("-").replace("-", "_") for flag in action.option_strings)
+        for key in (action.dest, *flags):
+            keys[key] = action
+    return keys
+
+
+def _config_defaults(parser: argparse.ArgumentParser, data: dict[str, Any]) -> dict[str, Any]:
+    """``{dest: value}`` for ``parser.set_defaults`` from a config file's pairs, each
+    checked as its flag is (type, range, choices).
+
+    Raises:
+        ConfigError: an unknown key (with the closest known one), a value of the wrong
+            type or out of range, a destination set twice, or exclusive options together.
+    """
+    keys = _config_keys(parser)
+    defaults: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in keys:
+            close = difflib.get_close_matches(name, keys, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown key {key!r}{hint}; the keys are train's options: "
+                f"{', '.join(sorted(keys))}"
+            )
+        action = keys[name]
+        if action.dest in defaults:
+            raise ConfigError(f"{key} sets {action.dest} a second time; keep one of the keys")
+        defaults[action.dest] = _config_value(action, name, value)
+    for group in parser._mutually_exclusive_groups:
+        chosen = [
+            a.dest for a in group._group_actions if defaults.get(a.dest, a.default) != a.default
+        ]
+        if len(chosen) > 1:
+            raise ConfigError(f"{' and '.join(chosen)} exclude each other; keep one")
+    return defaults
+
+
+def _config_value(action: argparse.Action, name: str, value: Any) -> Any:
+    """A config file's value for ``action``, as its flag would set it."""
+    if action.nargs == 0:  # a switch: resume = true, no_progress = true, train_clip = false
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} = {_shown(value)}: expected true or false")
+        return value if name == action.dest else (action.const if value else action.default)
+    if isinstance(action, argparse._AppendAction):  # --layer KEY=VALUE: a table
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{name} = {_shown(value)}: expected a table of layer options, e.g. [{name}] "
+                "then l0_lambda = 0.5 on the next line"
+            )
+        return list(value.items())  # checked against the layers once the method is known
+    if action.nargs == 2:  # --kl-warmup START END: a list
+        if not isinstance(value, list) or len(value) != 2:
+            raise ConfigError(f"{name} = {_shown(value)}: expected two values, e.g. [2, 10]")
+        return [_config_scalar(action, name, v) for v in value]
+    return _config_scalar(action, name, value)
+
+
+def _config_scalar(action: argparse.Action, name: str, value: Any) -> Any:
+    text = action.type in (None, _path) or action.choices is not None
+    if isinstance(value, bool) or not isinstance(value, str if text else (int, float)):
+        want = "text, in quotes" if text else "a number, without quotes"
+        if isinstance(value, str) and _is_number(value):
+            want += " (YAML reads 1e-3 as text: write 1.0e-3)"
+        raise ConfigError(f"{name} = {_shown(value)}: expected {want}")
+    try:
+        parsed = action.type(str(value)) if callable(action.type) else value
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+        raise ConfigError(f"{name} = {_shown(value)}: {err}") from None
+    if action.choices is not None and parsed not in action.choices:
+        raise ConfigError(
+            f"{name} = {_shown(value)}: choose from {', '.join(map(str, action.choices))}"
+        )
+    return parsed
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _shown(value: Any) -> str:
+    try:
+        return toml_value(value)
+    except TypeError:
+        return repr(value)
+
+
 def _note(text: str) -> None:
     tqdm.write(f"note: {text}", file=sys.stderr)
 
@@ -407,8 +553,8 @@ def _claim(folder: Path, args: argparse.Namespace) -> None:
     """Check what the folder holds against --resume / --overwrite (the folder is locked)."""
     existing = [name for name in (CHECKPOINT, REPORT, MODEL) if (folder / name).exists()]
     if args.overwrite:
-        for name in existing:
-            (folder / name).unlink()
+        for name in (*existing, CONFIG, *LOGBOOK_FILES):
+            (folder / name).unlink(missing_ok=True)
     elif args.resume:
         if existing and CHECKPOINT not in existing:
             raise UsageError(
@@ -469,6 +615,12 @@ class Job:
         self.args = args
         self.notes: list[str] = []  # printed once the run starts, after every check
         self.settings = _settings(args, self.notes)
+        self.selection = _selection(args)
+        self.plots = importlib.util.find_spec("matplotlib") is not None
+        if not self.plots:
+            self.notes.append(
+                "no plots: matplotlib is not installed (pip install 'bayessparse[plots]')"
+            )
         _check_out(args)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
@@ -486,8 +638,11 @@ class Job:
         self.folder = _run_folder(args)
 
     def _announce(self, history: Any) -> None:
+        """Once train() has checked everything (a resumed checkpoint included)."""
         for note in self.notes:
             _note(note)
+        config = run_config_text(self.settings, self.selection)
+        atomic_write(self.folder / CONFIG, config.encode())
         done = f", resuming after epoch {history.completed}" if history.completed else ""
         tqdm.write(f"run folder {self.folder}{done}", file=sys.stderr)
 
@@ -514,9 +669,17 @@ class Job:
                 on_epoch_end=_print_epoch,
                 on_start=self._announce,
                 progress=self.args.progress,
+                callbacks=[
+                    Logbook(
+                        folder,
+                        epochs=settings["epochs"],
+                        selection=self.selection,
+                        plots=self.plots,
+                    )
+                ],
             )
             in_train = time.perf_counter() - train_start
-            report = _report(self.net, self.test, _selection(self.args), settings, history)
+            report = _report(self.net, self.test, self.selection, settings, history)
             # train() counts its time over all sessions (earlier ones up to their last
             # checkpoint); add this session's time outside it.
             outside = time.perf_counter() - self.created - in_train
@@ -620,6 +783,7 @@ def _print_report(report: dict[str, Any], out: Path) -> None:
         f"{report['train_seconds']:.0f} s)"
     )
     print(f"  report       {out / REPORT}")
+    print(f"  per epoch    {out / EPOCHS_CSV} (settings: {out / CONFIG})")
 
 
 def _fail(message: str, code: int) -> int:
@@ -646,7 +810,7 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (0 ok, 1 failed run, 2 user mistake)."""
-    args = _parser().parse_args(argv)
+    args = _parse_args(argv)
     with _sigterm_interrupts():
         if args.command == "evaluate":
             return _evaluate_command(args)
