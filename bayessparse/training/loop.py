@@ -6,6 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,16 +15,25 @@ import numpy as np
 import pyro
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from bayessparse.convert import sparse_modules
 from bayessparse.infer import linear_decay, linear_warmup
 from bayessparse.masks import sparsity_report
 from bayessparse.metrics import error_rate, predict_logits
+from bayessparse.training.data import (
+    DatasetData,
+    TensorData,
+    check_dataset,
+    dataset_tensors,
+)
+from bayessparse.training.distributed import DataParallel
 from bayessparse.training.objective import Objective, Teacher, make_objective
 from bayessparse.training.storage import (
     CheckpointError,
     RunFolder,
+    RunFolderBusy,
     fingerprint,
     load_checkpoint,
     save_checkpoint,
@@ -226,7 +236,7 @@ def _num_outputs(net: nn.Module, example: Tensor, what: str) -> int:
     net.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            out = net(example)
+            out = net(example.to(_device(net)))
     except (RuntimeError, ValueError) as err:
         raise ValueError(
             f"The network cannot take the {what} images of shape {tuple(example.shape[1:])}: {err}"
@@ -239,6 +249,33 @@ def _num_outputs(net: nn.Module, example: Tensor, what: str) -> int:
             f"{tuple(out.shape)} for {what} images of shape {tuple(example.shape)}."
         )
     return out.shape[1]
+
+
+def _device(net: nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+def _training_data(net: nn.Module, images: Any, labels: Any) -> TensorData | DatasetData:
+    """The training set as the loop reads it, after :func:`check_data`'s checks (for a
+    dataset: of its first examples, and of each batch's labels as it is read)."""
+    if isinstance(images, (Dataset, DataLoader)):
+        dataset = check_dataset(images, labels)
+        tensors = dataset_tensors(dataset)
+        if tensors is not None:
+            return TensorData(*check_data(net, *tensors))
+        first = DatasetData(dataset, classes=0)
+        examples = [first.example(i) for i in range(min(2, len(first)))]
+        x = torch.utils.data.default_collate([x for x, _ in examples])
+        data = DatasetData(dataset, _num_outputs(net, torch.as_tensor(x), "training"))
+        data.batch(torch.arange(len(examples)))  # checks the labels
+        return data
+    if labels is None:
+        raise TypeError(
+            f"Expected labels with the training images, got images of type "
+            f"{type(images).__name__} and no labels. Pass train(net, images, labels), or a "
+            "torch.utils.data.Dataset of (input, label) pairs in place of the images."
+        )
+    return TensorData(*check_data(net, images, labels))
 
 
 def _first_nonfinite(net: nn.Module) -> str | None:
@@ -272,8 +309,7 @@ class _Trainer:
     def __init__(
         self,
         net: nn.Module,
-        images: Tensor,
-        labels: Tensor,
+        data: TensorData | DatasetData,
         *,
         epochs: int,
         batch_size: int,
@@ -284,7 +320,9 @@ class _Trainer:
         objective: Objective,
         callbacks: Sequence[Callback] = (),
     ) -> None:
-        self.net, self.images, self.labels = net, images, labels
+        self.net, self.data, self.device = net, data, _device(net)
+        self.parallel = DataParallel.current(self.device)
+        objective.parallel = self.parallel
         self.callbacks = list(callbacks)
         self.epochs, self.batch_size, self.lr = epochs, batch_size, lr
         self.schedule, self.seed, self.settings = schedule, seed, settings
@@ -295,8 +333,7 @@ class _Trainer:
         self.kl_weight, self.lr_factor = 0.0, 1.0  # of the current step
         self.checkpoint: Path | None = None
 
-    def restore(self, path: Path) -> None:
-        state = load_checkpoint(path)
+    def restore(self, path: Path, state: dict[str, Any]) -> None:
         if state.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(
                 f"Checkpoint {str(path)!r} has format version {state.get('version')!r}; "
@@ -311,40 +348,83 @@ class _Trainer:
             )
         self.net.load_state_dict(state["net"])
         self.objective.load_state_dict(state["optim"])
-        torch.set_rng_state(state["rng"])
+        if self.parallel is not None:
+            self._set_rng_state(state["rank_rngs"][self.parallel.rank])
+        else:
+            self._set_rng_state([state["rng"], *state.get("device_rng", [])])
         self.history.epochs = state["history"]
         self.history.sessions = state["sessions"]
         self.earlier_wall = state["wall_seconds"]
 
     def save(self, path: Path) -> None:
-        save_checkpoint(
-            {
-                "version": CHECKPOINT_VERSION,
-                "settings": self.settings,
-                "net": self.net.state_dict(),
-                "optim": self.objective.state_dict(),
-                "rng": torch.get_rng_state(),
-                "history": self.history.epochs,
-                "sessions": self.history.sessions,
-                "wall_seconds": self.wall_seconds(),
-            },
-            path,
-        )
+        """Write the checkpoint (rank 0 only; every rank must call, for their RNG states)."""
+        rngs = self._rng_state()
+        state = {
+            "version": CHECKPOINT_VERSION,
+            "settings": self.settings,
+            "net": self.net.state_dict(),
+            "optim": self.objective.state_dict(),
+            "rng": rngs[0],
+            **({"device_rng": rngs[1:]} if len(rngs) > 1 else {}),
+            "history": self.history.epochs,
+            "sessions": self.history.sessions,
+            "wall_seconds": self.wall_seconds(),
+        }
+        if self.parallel is None:
+            save_checkpoint(state, path)
+            return
+        state["rank_rngs"] = self.parallel.gather_object(rngs)
+        if self.parallel.rank == 0:
+            save_checkpoint(state, path)
+        self.parallel.barrier()
+
+    def _rng_state(self) -> list[Tensor]:
+        """The run's random state: the CPU generator's, and the GPU's when training on one."""
+        if self.device.type == "cuda":
+            return [torch.get_rng_state(), torch.cuda.get_rng_state(self.device)]
+        return [torch.get_rng_state()]
+
+    def _set_rng_state(self, states: list[Tensor]) -> None:
+        torch.set_rng_state(states[0])
+        if self.device.type == "cuda" and len(states) > 1:
+            torch.cuda.set_rng_state(states[1], self.device)
 
     def wall_seconds(self) -> float:
         return self.earlier_wall + time.perf_counter() - self.start
 
     def batches(self, epoch: int) -> Iterator[Tensor]:
-        num_data = self.images.shape[0]
+        """The example indices of each batch (this rank's share of each global batch)."""
         # The order depends on (seed, epoch) only, so a resumed run sees the same batches.
         epoch_rng = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(num_data, generator=epoch_rng)
-        return iter(order.split(self.batch_size))
+        order = torch.randperm(len(self.data), generator=epoch_rng)
+        if self.parallel is None:
+            return iter(order.split(self.batch_size))
+        return map(self.parallel.shard, order.split(self.batch_size))
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        x, y = self.data.batch(indices)
+        return x.to(self.device), y.to(self.device)
+
+    def after_step(self, step: int) -> None:
+        """Call the step hooks; with several processes, from one random stream shared by
+        all ranks, then with rank 0's buffers (masks) on every rank."""
+        if self.parallel is None:
+            for callback in self.callbacks:
+                callback.on_step(self.net, self.objective.optimizer, step)
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((self.seed * 1_000_003 + step) % 2**63)
+            for callback in self.callbacks:
+                callback.on_step(self.net, self.objective.optimizer, step)
+        buffers = list(self.net.buffers())
+        if buffers:
+            self.parallel.broadcast_(buffers)
 
     def run_epoch(self, epoch: int, progress: bool | None) -> dict[str, float]:
         self.net.train()
         start = time.perf_counter()
-        num_batches = math.ceil(self.images.shape[0] / self.batch_size)
+        num_batches = math.ceil(len(self.data) / self.batch_size)
         data_sum = kl_sum = 0.0
         bar = _bar(range(num_batches), progress, desc=f"epoch {epoch + 1}", leave=False)
         for i, idx in zip(bar, self.batches(epoch), strict=True):
@@ -352,13 +432,11 @@ class _Trainer:
             self.kl_weight = self.schedule.kl_weight(now)
             self.lr_factor = self.schedule.lr_factor(now, self.epochs)
             # Pyro's checks run on the first step; after that the data and model are known.
+            x, y = self.batch(idx)
             with pyro.validation_enabled(epoch == 0 and i == 0):
-                loss = self.objective.step(
-                    self.images[idx], self.labels[idx], self.kl_weight, self.lr_factor
-                )
-            self._check_step(loss, epoch, i, idx)
-            for callback in self.callbacks:
-                callback.on_step(self.net, self.objective.optimizer, epoch * num_batches + i)
+                loss = self.objective.step(x, y, self.kl_weight, self.lr_factor)
+            self._check_step(loss, epoch, i, x)
+            self.after_step(epoch * num_batches + i)
             data_term, complexity = self.objective.last_terms
             data_sum += data_term
             kl_sum += complexity
@@ -373,14 +451,13 @@ class _Trainer:
             "train_seconds": time.perf_counter() - start,
         }
 
-    def _check_step(self, loss: float, epoch: int, batch: int, idx: Tensor) -> None:
+    def _check_step(self, loss: float, epoch: int, batch: int, x: Tensor) -> None:
         bad = _first_nonfinite(self.net)
         if bad is None and math.isfinite(loss):
             return
         where = f"at epoch {epoch + 1}, batch {batch + 1}"
         lr = self.lr * self.lr_factor
         data_term, complexity = self.objective.last_terms
-        x = self.images[idx]
         dtype = next(self.net.parameters()).dtype
         if not bool(torch.isfinite(x).all()):
             reason = f"the training images of the batch {where} hold NaN or inf values"
@@ -411,8 +488,8 @@ class _Trainer:
 
 def train(
     net: nn.Module,
-    images: Tensor,
-    labels: Tensor,
+    images: Tensor | Dataset,
+    labels: Tensor | None = None,
     *,
     epochs: int,
     batch_size: int = 100,
@@ -446,9 +523,17 @@ def train(
     Every step is checked: a NaN or infinite loss or parameter stops training with
     :class:`TrainingDiverged`, leaving the last checkpoint as it was.
 
+    Under an initialised ``torch.distributed`` process group of several processes (e.g.
+    started by ``torchrun``), each process trains on its own share of every global batch
+    and the gradients are all-reduced: see :mod:`bayessparse.training.distributed`.
+    ``batch_size`` is then the global batch size; checkpoints are written by rank 0.
+
     Args:
-        net: a network with sparse layers; trained in place.
-        images, labels: the training set (tensors or numpy arrays).
+        net: a network with sparse layers; trained in place (batches are moved to its
+            device).
+        images, labels: the training set (tensors or numpy arrays), or a map-style
+            ``torch.utils.data.Dataset`` of ``(input, label)`` pairs in place of
+            ``images`` (``labels`` left out), read by index in the loop's own order.
         epochs: total number of epochs (including those already done when resuming).
         batch_size: mini-batch size.
         lr: Adam learning rate before the schedule's factor.
@@ -499,8 +584,8 @@ def train(
         raise ValueError(f"Expected a finite, positive learning rate, got lr={lr!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"Expected seed to be an integer in [0, 2**32), got {seed!r}.")
-    images, labels = check_data(net, images, labels)
-    chosen = make_objective(objective, net, images.shape[0], float(lr), penalty, teacher)
+    data = _training_data(net, images, labels)
+    chosen = make_objective(objective, net, len(data), float(lr), penalty, teacher)
     if eval_data is not None:
         eval_data = check_data(net, *eval_data, what="evaluation")
     schedule = schedule or Schedule()
@@ -512,7 +597,7 @@ def train(
         "kl_warmup": list(schedule.kl_warmup),
         "lr_decay_start": schedule.lr_decay_start,
         "seed": seed,
-        "training_data": fingerprint(images, labels),
+        "training_data": data.fingerprint(),
         "objective": type(chosen).__name__,
     }
     if teacher is not None:
@@ -523,8 +608,7 @@ def train(
         }
     trainer = _Trainer(
         net,
-        images,
-        labels,
+        data,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -538,28 +622,51 @@ def train(
             *callbacks,
         ],
     )
+    if trainer.parallel is not None:
+        trainer.parallel.check_batches(len(data), batch_size)
+        settings["world_size"] = trainer.parallel.world
     if checkpoint is None:
         return _fit(trainer, None, progress)
     path = trainer.checkpoint = Path(checkpoint)
-    with RunFolder(path.parent):
-        if path.exists():
-            if not resume:
-                raise CheckpointExists(
-                    f"Checkpoint {str(path)!r} already exists. Pass resume=True to continue "
-                    "it, or choose another checkpoint path."
-                )
-            trainer.restore(path)
-        elif resume:
+    parallel = trainer.parallel
+    with ExitStack() as folder:
+        state: dict[str, Any] | None = None
+        failure: Exception | None = None
+        if parallel is None or parallel.rank == 0:  # rank 0 owns the folder and the file
+            try:
+                folder.enter_context(RunFolder(path.parent))
+                state = _checkpoint_to_resume(path, resume)
+            except (RunFolderBusy, CheckpointError, CheckpointExists) as err:
+                failure = err
+        if parallel is not None:  # the other ranks resume from rank 0's copy, or fail alike
+            state, failure = parallel.broadcast_object((state, failure))
+        if failure is not None:
+            raise failure
+        if state is not None:
+            trainer.restore(path, state)
+        return _fit(trainer, path, progress)
+
+
+def _checkpoint_to_resume(path: Path, resume: bool) -> dict[str, Any] | None:
+    if not path.exists():
+        if resume:
             warnings.warn(
                 f"No checkpoint at {str(path)!r} to resume; starting from scratch.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        return _fit(trainer, path, progress)
+        return None
+    if not resume:
+        raise CheckpointExists(
+            f"Checkpoint {str(path)!r} already exists. Pass resume=True to continue "
+            "it, or choose another checkpoint path."
+        )
+    return load_checkpoint(path)
 
 
 def _fit(trainer: _Trainer, path: Path | None, progress: bool | None) -> History:
     # The run's own random stream: restored from the checkpoint or seeded, never the caller's.
-    with torch.random.fork_rng(devices=[]):
+    devices = [trainer.device] if trainer.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         return _fit_epochs(trainer, path, progress)
 
 
@@ -568,8 +675,11 @@ def _fit_epochs(trainer: _Trainer, path: Path | None, progress: bool | None) -> 
     for callback in trainer.callbacks:
         callback.on_start(history)
     history.sessions += 1
+    parallel = trainer.parallel
+    if parallel is not None:
+        parallel.broadcast_state_(net)  # one starting point, whatever each rank built
     if history.completed == 0:
-        torch.manual_seed(trainer.seed)
+        torch.manual_seed(trainer.seed if parallel is None else parallel.stream_seed(trainer.seed))
     epoch_bar = _bar(
         range(history.completed, trainer.epochs),
         progress,

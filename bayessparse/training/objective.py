@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.util import zero_grads
 from torch import Tensor, nn
 
 from bayessparse.compression.distillation import distillation_loss
 from bayessparse.convert import sparse_modules
 from bayessparse.infer import JointOptim, SparseGuide, kl, project_
+from bayessparse.training.distributed import DataParallel
 
 
 class Objective(Protocol):
@@ -32,6 +34,9 @@ class Objective(Protocol):
     net: nn.Module
 
     def step(self, x: Tensor, y: Tensor, kl_weight: float, lr_factor: float) -> float: ...
+
+    # Set by the loop when several processes train (gradients are all-reduced).
+    parallel: DataParallel | None
 
     @property
     def last_terms(self) -> tuple[float, float]: ...
@@ -173,6 +178,7 @@ class SVIObjective:
         self.model = SparseClassifier(net, num_data)
         self.optim = JointOptim(torch.optim.Adam, {"lr": lr})
         self._svi: SVI | None = None
+        self.parallel: DataParallel | None = None
 
     def step(self, x: Tensor, y: Tensor, kl_weight: float, lr_factor: float) -> float:
         if self._svi is None:  # built late, after a resumed optimiser state was set
@@ -180,10 +186,22 @@ class SVIObjective:
             self._svi = SVI(self.model, self.model.guide, self.optim, Trace_ELBO())
         self.model.kl_weight = kl_weight
         self.optim.lr_factor = lr_factor
-        with warnings.catch_warnings():
+        # SVI.step, spelled out so that several processes can all-reduce between the
+        # gradients and the optimiser step.
+        with warnings.catch_warnings(), poutine.trace(param_only=True) as capture:
             # Pyro's NaN warning is silenced: the loop stops the run with a clearer error.
             warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
-            loss = self._svi.step(x, y)
+            loss = float(self._svi.loss_and_grads(self.model, self.model.guide, x, y))
+        sites = capture.trace.nodes.values()
+        params = {site["value"].unconstrained() for site in sites}  # type: ignore[union-attr]
+        if self.parallel is not None:
+            store = pyro.get_param_store()
+            # The same order on every rank.
+            ordered = sorted(params, key=lambda p: store.param_name(p) or "")
+            terms = (loss, self.model.last_data, self.model.last_kl)
+            loss, self.model.last_data, self.model.last_kl = self.parallel.reduce_(ordered, terms)
+        self.optim(params)
+        zero_grads(params)
         project_(self.net)
         return loss
 
@@ -228,6 +246,7 @@ class SupervisedObjective:
         self.net, self.num_data, self.lr, self.penalty = net, num_data, lr, penalty
         self.optim = torch.optim.Adam(net.parameters(), lr=lr)
         self._last = (math.nan, math.nan)
+        self.parallel: DataParallel | None = None
 
     def data_loss(self, x: Tensor, y: Tensor) -> Tensor:
         """The batch's mean loss: the cross-entropy."""
@@ -243,9 +262,12 @@ class SupervisedObjective:
         loss = data + kl_weight * complexity
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
+        terms = [float(loss.detach()), float(data.detach()), float(complexity.detach())]
+        if self.parallel is not None:
+            terms = self.parallel.reduce_(list(self.net.parameters()), terms)
         self.optim.step()
-        self._last = (float(data.detach()), float(complexity.detach()))
-        return float(loss.detach())
+        self._last = (terms[1], terms[2])
+        return terms[0]
 
     @property
     def last_terms(self) -> tuple[float, float]:
