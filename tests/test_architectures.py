@@ -62,7 +62,8 @@ class EncoderClassifier(nn.Module):
         return self.head(self.encoder(x).mean(1))
 
 
-# name -> (network, input shape of one example)
+# name -> (network, input shape of one example); FULL_WIDTH runs only with -m slow
+FULL_WIDTH = {"resnet18_full": (lambda: ResNet([2, 2, 2, 2], num_classes=10), (3, 32, 32))}
 ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnet18": (resnet18_narrow, (3, 32, 32)),
     "vgg_bn": (small_vgg_bn, (3, 32, 32)),
@@ -146,7 +147,7 @@ class Pipeline:
 
 
 def run_pipeline(name: str, folder: Path) -> Pipeline:
-    build, shape = ARCHITECTURES[name]
+    build, shape = {**ARCHITECTURES, **FULL_WIDTH}[name]
     torch.manual_seed(0)
     net = bs.to_sparse_(build(), "l0", l0_lambda=0.1)
     x, y = torch.randn(8, *shape), torch.randint(0, 10, (8,))
@@ -193,3 +194,12 @@ def test_exported_programs_run_without_bayessparse(pipeline):
     runs = [pipeline(name) for name in sorted(ARCHITECTURES)]
     errors = run_without_bayessparse([(r.done.path, r.x, r.expected) for r in runs])
     assert len(errors) == len(runs) and max(errors) < 1e-5
+
+
+@pytest.mark.slow
+def test_full_width_resnet18_through_the_pipeline(pipeline):
+    """torchvision's ResNet-18 itself (11 M weights), end to end, without bayessparse."""
+    run = pipeline("resnet18_full")
+    assert run.trained and run.done.compacted and run.done.parameters < params(run.baked)
+    (error,) = run_without_bayessparse([(run.done.path, run.x, run.expected)])
+    assert error < 1e-5
