@@ -6,6 +6,10 @@
 - :mod:`~bayessparse.training.loop`: :func:`train`, one epoch at a time, every step checked;
   :class:`Callback` hooks for what happens around it (evaluation, logging, a pruning
   method's per-step work);
+- :mod:`~bayessparse.training.data`: the training set as the loop reads it (tensors, or
+  a map-style ``Dataset`` read by index in the loop's seeded order);
+- :mod:`~bayessparse.training.distributed`: data-parallel training over processes and
+  machines (``torch.distributed``, started by ``torchrun``);
 - :mod:`~bayessparse.training.storage`: atomic writes, verified checkpoints, and
   :class:`RunFolder`, a directory owned by one run at a time.
 """
