@@ -81,6 +81,7 @@ from bayessparse.training import (
     to_strict_json,
     train,
 )
+from bayessparse.training.distributed import DataParallel, init_from_env, is_distributed, rank
 from bayessparse.training.logbook import EPOCHS_CSV, LOGBOOK_FILES, Logbook
 from bayessparse.training.loop import MAX_SEED
 from bayessparse.training.storage import torch_bytes
@@ -268,6 +269,12 @@ def _parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace the run already in --out"
     )
     t.add_argument("--threads", type=_number(int, 1), help="torch threads (default: torch's)")
+    t.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="train on the CPU or a GPU (under torchrun: one process per GPU, NCCL)",
+    )
     t.add_argument("--no-progress", dest="progress", action="store_false")
 
     e = sub.add_parser(
@@ -624,6 +631,9 @@ class Job:
         _check_out(args)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+        self.device = init_from_env(args.device)  # joins torchrun's process group, if any
         # Built before the data is read, so that bad layer options fail first; loading the
         # data draws nothing from torch's RNG, so the initial weights depend on the seed only.
         torch.manual_seed(args.seed)
@@ -635,7 +645,14 @@ class Job:
         self.test = data["test"]
         check_data(self.net, *self.train_split)
         check_data(self.net, *self.test, what="test")
-        self.folder = _run_folder(args)
+        self.net.to(self.device)
+        # Rank 0 owns the run folder, the checkpoint and the report; the others only train.
+        self.lead = rank() == 0
+        if is_distributed():
+            folder = _run_folder(args) if self.lead else None
+            self.folder = DataParallel(self.device).broadcast_object(folder)
+        else:
+            self.folder = _run_folder(args)
 
     def _announce(self, history: Any) -> None:
         """Once train() has checked everything (a resumed checkpoint included)."""
@@ -646,11 +663,14 @@ class Job:
         done = f", resuming after epoch {history.completed}" if history.completed else ""
         tqdm.write(f"run folder {self.folder}{done}", file=sys.stderr)
 
-    def run(self) -> dict[str, Any]:
-        """Train (or resume), evaluate, and write the model and report; return the report."""
+    def run(self) -> dict[str, Any] | None:
+        """Train (or resume), evaluate, and write the model and report; return the report
+        (``None`` on the ranks other than 0 of a distributed run)."""
         settings, folder = self.settings, self.folder
-        with RunFolder(folder):
-            _claim(folder, self.args)
+        lead = self.lead
+        with RunFolder(folder) if lead else contextlib.nullcontext():
+            if lead:
+                _claim(folder, self.args)
             train_start = time.perf_counter()
             history = train(
                 self.net,
@@ -665,10 +685,12 @@ class Job:
                 meta={
                     key: settings[key] for key in ("model", "method", "init", "layer", "val_size")
                 },
-                eval_data=(self.test.images, self.test.labels),
-                on_epoch_end=_print_epoch,
-                on_start=self._announce,
-                progress=self.args.progress,
+                eval_data=(self.test.images.to(self.device), self.test.labels.to(self.device))
+                if lead
+                else None,
+                on_epoch_end=_print_epoch if lead else None,
+                on_start=self._announce if lead else None,
+                progress=self.args.progress and lead,
                 callbacks=[
                     Logbook(
                         folder,
@@ -676,9 +698,14 @@ class Job:
                         selection=self.selection,
                         plots=self.plots,
                     )
-                ],
+                ]
+                if lead
+                else [],
             )
             in_train = time.perf_counter() - train_start
+            if not lead:
+                return None
+            self.net.cpu()
             report = _report(self.net, self.test, self.selection, settings, history)
             # train() counts its time over all sessions (earlier ones up to their last
             # checkpoint); add this session's time outside it.
@@ -822,6 +849,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train_command(args: argparse.Namespace) -> int:
     """The ``train`` command: check everything, then train, evaluate and report."""
     try:
+        return _train_job(args)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train_job(args: argparse.Namespace) -> int:
+    try:
         job = Job(args)  # every check that needs no training happens here
     except (ValueError, TypeError) as err:  # bad options, layer options, data or network
         return _fail(str(err), 2)
@@ -840,6 +875,8 @@ def _train_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    if report is None:  # a rank other than 0: rank 0 reports
+        return 0
     _print_report(report, job.folder)
     return 0 if math.isfinite(report["error"]) else 1
 

@@ -4,17 +4,23 @@ global batches; masks are identical on every rank; rank 0's checkpoints resume e
 from __future__ import annotations
 
 import datetime
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from mnist_subset import write_mnist_subset
 from torch import Tensor, nn
 
 import bayessparse as bs
+from bayessparse.cli import main
 from bayessparse.nn.base import SparseModule
-from bayessparse.training import CheckpointError, Schedule, train
+from bayessparse.training import CheckpointError, Schedule, load_checkpoint, train
 from bayessparse.training.distributed import DataParallel, broadcast_masks, rank
 
 WORLD = 2
@@ -143,3 +149,31 @@ def test_two_processes_take_the_steps_of_one_on_the_same_global_batches(tmp_path
             checkpoint=tmp_path / "straight" / "checkpoint.pt",
             resume=True,
         )
+
+
+def test_torchrun_trains_the_cli_on_two_processes(tmp_path):
+    data = write_mnist_subset(tmp_path / "mnist", n_train=400, n_test=100)
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+        "2", "-m", "bayessparse", "train", "--epochs", "1", "--data-dir", str(data),
+        "--out", str(out), "--threads", "1", "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("test error") == 1  # rank 0 alone reports
+    report = json.loads((out / "report.json").read_text())
+    assert report["history"][0]["epoch"] == 1
+    assert load_checkpoint(out / "checkpoint.pt")["settings"]["world_size"] == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_the_cli_refuses_cuda_where_there_is_none(tmp_path, capsys):
+    assert main(["train", "--device", "cuda", "--out", str(tmp_path / "run")]) == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
