@@ -577,13 +577,7 @@ def train(
         TrainingDiverged: the loss or a parameter became NaN or infinite.
         ValueError, TypeError: bad options or data (before any training).
     """
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"Expected {name} to be a positive integer, got {value!r}.")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
-        raise ValueError(f"Expected a finite, positive learning rate, got lr={lr!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"Expected seed to be an integer in [0, 2**32), got {seed!r}.")
+    _check_numbers(epochs, batch_size, lr, seed)
     data = _training_data(net, images, labels)
     chosen = make_objective(objective, net, len(data), float(lr), penalty, teacher)
     if eval_data is not None:
@@ -599,13 +593,8 @@ def train(
         "seed": seed,
         "training_data": data.fingerprint(),
         "objective": type(chosen).__name__,
+        **({"teacher": _teacher_settings(teacher)} if teacher is not None else {}),
     }
-    if teacher is not None:
-        settings["teacher"] = {
-            "temperature": teacher.temperature,
-            "alpha": teacher.alpha,
-            "weights": fingerprint(*teacher.net.state_dict().values()),
-        }
     trainer = _Trainer(
         net,
         data,
@@ -645,6 +634,26 @@ def train(
         if state is not None:
             trainer.restore(path, state)
         return _fit(trainer, path, progress)
+
+
+def _check_numbers(epochs: Any, batch_size: Any, lr: Any, seed: Any) -> None:
+    """Refuse counts, learning rates and seeds out of range, naming the value."""
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Expected {name} to be a positive integer, got {value!r}.")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
+        raise ValueError(f"Expected a finite, positive learning rate, got lr={lr!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"Expected seed to be an integer in [0, 2**32), got {seed!r}.")
+
+
+def _teacher_settings(teacher: Teacher) -> dict[str, Any]:
+    """What of a teacher changes the result: checked on resume like the other settings."""
+    return {
+        "temperature": teacher.temperature,
+        "alpha": teacher.alpha,
+        "weights": fingerprint(*teacher.net.state_dict().values()),
+    }
 
 
 def _checkpoint_to_resume(path: Path, resume: bool) -> dict[str, Any] | None:
