@@ -18,6 +18,7 @@ from bayessparse.infer import linear_decay, linear_warmup
 from bayessparse.recipes import build_net
 from bayessparse.training import (
     CheckpointError,
+    RunFolder,
     Schedule,
     SparseClassifier,
     StorageError,
@@ -494,3 +495,19 @@ def test_training_draws_from_its_own_random_stream():
     run(second, x, y, epochs=1, seed=5)  # the run's stream depends on its seed only
     for a, b in zip(first.parameters(), second.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_run_folder_releases_even_when_the_working_directory_is_gone(tmp_path, monkeypatch):
+    """A relative run folder whose working directory was removed under the run: leaving
+    it must not raise (that would hide the error that ended the run) and frees the lock."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    with RunFolder("run"):
+        gone.joinpath("run", ".lock").unlink()
+        gone.joinpath("run", ".owner").unlink()
+        gone.joinpath("run").rmdir()
+        gone.rmdir()
+    monkeypatch.chdir(tmp_path)
+    with RunFolder(gone / "run"):  # the old lock is no longer held by this process
+        pass

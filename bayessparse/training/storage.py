@@ -190,7 +190,9 @@ class RunFolder:
                 f"Output directory {str(self.path)!r} is a file. Choose a directory path."
             )
         self.path.mkdir(parents=True, exist_ok=True)
-        key = self.path.resolve()
+        # Resolved now: at exit the working directory may be gone (a relative path would
+        # then fail to resolve and hide the error that ended the run).
+        key = self._key = self.path.resolve()
         if key in self._held:
             self._held[key][1] += 1
             return self
@@ -215,7 +217,7 @@ class RunFolder:
             return "unknown"
 
     def __exit__(self, *exc: object) -> None:
-        key = self.path.resolve()
+        key = self._key
         entry = self._held[key]
         entry[1] -= 1
         if entry[1] == 0:
