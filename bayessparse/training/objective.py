@@ -18,7 +18,7 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import Trace_ELBO
 from pyro.infer.util import zero_grads
 from torch import Tensor, nn
 
@@ -177,13 +177,13 @@ class SVIObjective:
         self.net = net
         self.model = SparseClassifier(net, num_data)
         self.optim = JointOptim(torch.optim.Adam, {"lr": lr})
-        self._svi: SVI | None = None
+        self._elbo: Trace_ELBO | None = None
         self.parallel: DataParallel | None = None
 
     def step(self, x: Tensor, y: Tensor, kl_weight: float, lr_factor: float) -> float:
-        if self._svi is None:  # built late, after a resumed optimiser state was set
+        if self._elbo is None:  # first step: after a resumed optimiser state was set
             _release_stale_params(self.net)
-            self._svi = SVI(self.model, self.model.guide, self.optim, Trace_ELBO())
+            self._elbo = Trace_ELBO()
         self.model.kl_weight = kl_weight
         self.optim.lr_factor = lr_factor
         # SVI.step, spelled out so that several processes can all-reduce between the
@@ -191,7 +191,7 @@ class SVIObjective:
         with warnings.catch_warnings(), poutine.trace(param_only=True) as capture:
             # Pyro's NaN warning is silenced: the loop stops the run with a clearer error.
             warnings.filterwarnings("ignore", "Encountered NaN", UserWarning)
-            loss = float(self._svi.loss_and_grads(self.model, self.model.guide, x, y))
+            loss = float(self._elbo.loss_and_grads(self.model, self.model.guide, x, y))
         sites = capture.trace.nodes.values()
         params = {site["value"].unconstrained() for site in sites}  # type: ignore[union-attr]
         if self.parallel is not None:
