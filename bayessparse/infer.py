@@ -4,7 +4,7 @@ Carlo prediction from the masked posterior."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -98,7 +98,8 @@ class JointOptim(PyroOptim):
     names, so a checkpoint restores into a freshly built network.
 
     Args:
-        optim_constructor: a :class:`torch.optim.Optimizer` class, e.g. ``torch.optim.Adam``.
+        optim_constructor: a :class:`torch.optim.Optimizer` class, e.g. ``torch.optim.Adam``,
+            or any callable ``(params, **optim_args)`` that returns an optimizer.
         optim_args: its keyword arguments, e.g. ``{"lr": 1e-3}``.
 
     Example:
@@ -106,7 +107,9 @@ class JointOptim(PyroOptim):
         ...                      pyro.infer.Trace_ELBO())  # doctest: +SKIP
     """
 
-    def __init__(self, optim_constructor: type[torch.optim.Optimizer], optim_args: dict) -> None:
+    def __init__(
+        self, optim_constructor: Callable[..., torch.optim.Optimizer], optim_args: dict
+    ) -> None:
         if not isinstance(optim_args, dict):
             raise TypeError(
                 f"Expected optim_args to be a dict such as {{'lr': 1e-3}}, got "

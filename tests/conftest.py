@@ -1,6 +1,12 @@
+import os
+
 import pyro
 import pytest
 import torch
+
+# Tests are small: compiling the fused kernels (seconds per process) would cost more than
+# it saves. test_fusion.py switches it back on to check the compiled kernels.
+os.environ["BAYESSPARSE_COMPILE"] = "0"
 
 
 @pytest.fixture(autouse=True)

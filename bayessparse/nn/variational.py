@@ -2,16 +2,90 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from bayessparse.distributions.kl import _clamped_log_alpha, sparse_vd_kl_sum
+from bayessparse.distributions.kl import (
+    K1,
+    _clamped_log_alpha,
+    _kl_sum_and_grads,
+    sparse_vd_kl_sum,
+)
+from bayessparse.fusion import Fusible
 from bayessparse.nn.base import SparseModule, torch_layer_type
 
 # keep_prob = sigmoid(-log alpha) > sigmoid(-3)  <=>  log alpha < 3, the paper's rule.
 SPARSE_VD_THRESHOLD = float(torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64)))
+
+
+def _training_terms(theta: Tensor, log_sigma2: Tensor, clip: bool) -> tuple[Tensor, ...]:
+    """Everything a training pass needs of each weight, over flat tensors: the mean's
+    weight ``θ·keep`` (``keep = [log α < 3]`` with ``clip``, else 1), ``σ²``, ``keep``, and
+    the KL sum with its gradients by θ and log σ²; compiled, one pass over the weights."""
+    log_alpha = log_sigma2 - torch.log(theta * theta + 1e-8)
+    keep = (log_alpha < 3.0).to(theta.dtype) if clip else torch.ones_like(theta)
+    return (theta * keep, log_sigma2.exp(), keep, *_kl_sum_and_grads(theta, log_sigma2))
+
+
+def _training_grads(
+    grad_mean: Tensor,
+    grad_variance: Tensor,
+    grad_kl: Tensor,
+    keep: Tensor,
+    variance: Tensor,
+    kl_grad_theta: Tensor,
+    kl_grad_log_sigma2: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """The gradients by θ and log σ² of a training pass, from its three outputs'."""
+    return (
+        grad_mean * keep + grad_kl * kl_grad_theta,
+        grad_variance * variance + grad_kl * kl_grad_log_sigma2,
+    )
+
+
+_fused_training_terms = Fusible(_training_terms)
+_fused_training_grads = Fusible(_training_grads)
+
+
+class _TrainingTerms(torch.autograd.Function):
+    """A training pass's mean weight, variance and KL from θ and log σ², in one fused
+    pass forward and one backward (the ``keep`` mask carries no gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, theta: Tensor, log_sigma2: Tensor, clip: bool) -> tuple[Tensor, ...]:
+        mean, variance, keep, kl, kl_grad_theta, kl_grad_log_sigma2 = _fused_training_terms(
+            theta.reshape(-1), log_sigma2.reshape(-1), clip
+        )
+        ctx.save_for_backward(keep, variance, kl_grad_theta, kl_grad_log_sigma2)
+        ctx.shape = theta.shape
+        return mean.view_as(theta), variance.view_as(theta), kl + K1 * theta.numel()
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None, grad_kl: Tensor | None
+    ) -> tuple[Tensor, Tensor, None]:
+        keep, variance, kl_grad_theta, kl_grad_log_sigma2 = ctx.saved_tensors
+        grads = _fused_training_grads(
+            keep.new_zeros(()) if grad_mean is None else grad_mean.reshape(-1),
+            keep.new_zeros(()) if grad_variance is None else grad_variance.reshape(-1),
+            keep.new_zeros(()) if grad_kl is None else grad_kl,
+            keep,
+            variance,
+            kl_grad_theta,
+            kl_grad_log_sigma2,
+        )
+        return grads[0].view(ctx.shape), grads[1].view(ctx.shape), None
+
+
+# The KL that a layer's last training pass computed with its weights, with the weights'
+# versions then: kl() takes it instead of recomputing while they are unchanged. Kept
+# outside the layer, so that copying or saving a layer never meets an autograd graph.
+_PASS_KL: weakref.WeakKeyDictionary[SparseModule, tuple[tuple[int, int], Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class _SparseVD(SparseModule):
@@ -60,7 +134,12 @@ class _SparseVD(SparseModule):
         """Sum over weights of the Molchanov approximation to KL(q ‖ log-uniform).
 
         A pruned weight counts as θ = 0, whose KL is the clamped minimum (2e-4 nats).
+        After a training pass it is the one that pass computed (same value, one pass
+        over the weights less), while the weights are unchanged.
         """
+        taken = _PASS_KL.pop(self, None)
+        if taken is not None and taken[0] == self._posterior_versions():
+            return taken[1]
         theta, pruned = self.weight, self._prune_mask("weight")
         if pruned is not None:
             theta = theta * pruned
@@ -70,6 +149,10 @@ class _SparseVD(SparseModule):
         """The posterior mean θ."""
         return self.weight
 
+    def _posterior_versions(self) -> tuple[int, int]:
+        # In-place updates (optimiser steps, copy_) bump a tensor's version.
+        return self.weight._version, self.weight_log_sigma2._version
+
     def forward(self, input: Tensor) -> Tensor:
         x = input
         self._check_input(x)
@@ -77,15 +160,20 @@ class _SparseVD(SparseModule):
         if not self.training:
             return self._op(x, theta * self.mask().to(theta.dtype), bias)
         log_sigma2 = self.weight_log_sigma2  # one PyroModule lookup (a pyro.param) per use
-        if self.train_clip and not self._predicting:
-            # Drop already-pruned weights (log alpha >= 3) from the mean, as the official
-            # LeNet recipes do; in prediction the predictive masks decide what is pruned.
-            # The mask carries no gradient, so build it outside autograd.
+        if self._predicting:  # the predictive masks decide what is pruned
+            variance = log_sigma2.exp()
+        elif self._prune_mask("weight") is None:
+            # With train_clip, drop already-pruned weights (log alpha >= 3) from the mean,
+            # as the official LeNet recipes do. The KL comes from the same pass.
+            theta, variance, kl = _TrainingTerms.apply(theta, log_sigma2, self.train_clip)
+            _PASS_KL[self] = (self._posterior_versions(), kl)
+        else:  # the KL must count pruned weights as zero: kl() computes it
             with torch.no_grad():
                 keep = _clamped_log_alpha(theta, log_sigma2) < 3.0
-            theta = theta * keep.to(theta.dtype)
+            theta = theta * (keep.to(theta.dtype) if self.train_clip else 1.0)
+            variance = log_sigma2.exp()
         mean = self._op(x, theta, bias)
-        var = self._op(x * x, log_sigma2.exp(), None)
+        var = self._op(x * x, variance, None)
         return self._gaussian_sample(mean, var)
 
 
