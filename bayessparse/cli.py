@@ -84,6 +84,7 @@ from bayessparse.training import (
 from bayessparse.training.distributed import DataParallel, init_from_env, is_distributed, rank
 from bayessparse.training.logbook import EPOCHS_CSV, LOGBOOK_FILES, Logbook
 from bayessparse.training.loop import MAX_SEED
+from bayessparse.training.objective import OPTIMIZERS
 from bayessparse.training.storage import torch_bytes
 
 
@@ -331,6 +332,13 @@ def _add_bench_parser(sub: Any) -> None:
         help="comma-separated seeds (default: 0)",
     )
     b.add_argument("--budget", type=_number(int, 1), help="training epochs of every method")
+    b.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="adam",
+        help="the plain networks' optimiser: adam (lr 1e-3, default) or sgd (lr 0.1, momentum "
+        "0.9, weight decay 5e-4: the pruning papers' recipe); the Bayesian families use Adam",
+    )
     b.add_argument("--out", type=_path, help="the bench folder (created; reused to continue)")
     b.add_argument(
         "--shard",
@@ -954,7 +962,14 @@ def _bench_command(args: argparse.Namespace) -> int:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         data = _load_data(args.data_dir)
-        bench = Bench(args.out, args.model, args.budget, data["train"], data["test"])
+        bench = Bench(
+            args.out,
+            args.model,
+            args.budget,
+            data["train"],
+            data["test"],
+            optimizer=args.optimizer,
+        )
         claim(args.out, _bench_settings(bench))
     except (ValueError, TypeError) as err:  # budget, data, a folder with other settings
         return _fail(str(err), 2)
@@ -990,6 +1005,8 @@ def _bench_settings(bench: Bench) -> dict[str, Any]:
         "batch_size": bench.batch_size,
         "lr": bench.lr,
         "data": fingerprint(*bench.train_split, *bench.test_split),
+        # Recorded only when not the default, so that Adam benches keep their settings.
+        **({"optimizer": bench.optimizer} if bench.optimizer != "adam" else {}),
     }
 
 

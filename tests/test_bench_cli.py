@@ -9,6 +9,7 @@ at two sparsities and two seeds, 14 rows of a fraction of a second each.
 from __future__ import annotations
 
 import csv
+import json
 import signal
 import subprocess
 import sys
@@ -157,3 +158,17 @@ def test_a_folder_with_other_settings_is_refused_naming_the_difference(
         "3 here). Rows with different settings do not compare: use another --out, or the "
         "same settings."
     ]
+
+
+def test_sgd_benches_train_the_plain_nets_with_sgd_and_record_it(mnist, tmp_path):
+    out = tmp_path / "sgd"
+    args = ("--methods", "dense,magnitude", "--sparsities", "0.9", "--budget", "2")
+    result = bench(*args, "--optimizer", "sgd", "--out", out, data=mnist)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "bench.json").read_text())["optimizer"] == "sgd"
+    rows = read_csv(out / "results.csv")
+    assert [row["method"] for row in rows] == ["dense", "magnitude"]
+    assert float(rows[0]["error"]) < 0.8  # it learns: chance is 0.9 (12 steps on 600 images)
+    adam = bench(*args, "--out", out, data=mnist)  # the folder is an SGD bench
+    assert adam.returncode == 2
+    assert "(optimizer 'sgd' there, None here)" in adam.stderr

@@ -416,6 +416,33 @@ def test_a_plain_network_trains_by_the_supervised_objective_and_resumes_exactly(
         run(toy_net(), x, y, penalty=l1)
 
 
+def test_plain_training_takes_adam_fused_or_the_pruning_papers_sgd():
+    x, y = toy_problem()
+    optimizers = []
+
+    def record(net, optimizer, step):
+        optimizers.append(optimizer)
+
+    def plain():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    run(plain(), x, y, epochs=1, after_step=record)
+    assert isinstance(optimizers[-1], torch.optim.Adam)
+    assert optimizers[-1].defaults["fused"]  # one kernel for every parameter
+    history = run(
+        plain(), x, y, epochs=8, lr=0.1, optimizer="sgd", after_step=record, eval_data=(x, y)
+    )
+    sgd = optimizers[-1]
+    assert isinstance(sgd, torch.optim.SGD)
+    assert (sgd.defaults["momentum"], sgd.defaults["weight_decay"]) == (0.9, 5e-4)
+    assert history.epochs[-1]["test_error"] < 0.1
+    with pytest.raises(ValueError, match="Unknown optimizer 'rmsprop'"):
+        run(plain(), x, y, optimizer="rmsprop")
+    with pytest.raises(ValueError, match="SVI trains with Adam, got optimizer='sgd'"):
+        run(toy_net(), x, y, optimizer="sgd")
+
+
 def test_distilled_student_learns_from_a_frozen_teacher_and_resumes_exactly(tmp_path):
     x, y = toy_problem()
 

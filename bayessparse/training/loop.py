@@ -506,6 +506,7 @@ def train(
     objective: str = "auto",
     penalty: Callable[[nn.Module], Tensor | None] | None = None,
     teacher: Teacher | None = None,
+    optimizer: str = "adam",
     after_step: AfterStep | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> History:
@@ -557,6 +558,9 @@ def train(
             by the schedule's KL weight (e.g. an L1 norm).
         teacher: distil from a trained network (:class:`~bayessparse.training.Teacher`,
             supervised objective only); its temperature, alpha and weights are settings.
+        optimizer: the supervised objective's optimiser: ``"adam"``, or ``"sgd"`` with
+            momentum 0.9 and weight decay 5e-4 (the pruning papers' recipe; give it
+            ``lr=0.1``). SVI trains with Adam.
         after_step: called after every optimiser step as ``after_step(net, optimizer,
             step)`` with the torch optimiser (``None`` under SVI) and the step counted
             from the run's start (e.g. a pruning schedule, or a proximal update).
@@ -579,7 +583,7 @@ def train(
     """
     _check_numbers(epochs, batch_size, lr, seed)
     data = _training_data(net, images, labels)
-    chosen = make_objective(objective, net, len(data), float(lr), penalty, teacher)
+    chosen = make_objective(objective, net, len(data), float(lr), penalty, teacher, optimizer)
     if eval_data is not None:
         eval_data = check_data(net, *eval_data, what="evaluation")
     schedule = schedule or Schedule()
