@@ -570,6 +570,24 @@ class LayerwiseOBS(PruningMethod):
             _write_(layers[name], "weight", obs_update(weight, keep, hessian))
 
 
+@register
+class LayerwiseOBSIterative(LayerwiseOBS):
+    """Layer-wise OBS in rounds: each of ``rounds`` rounds prunes the survivors to the
+    round's target ``1 − (1 − s)^(k/rounds)`` by the saliencies and compensating update
+    of :class:`LayerwiseOBS`, with Hessians from the current net, then fine-tunes for its
+    share of the budget (as :class:`~bayessparse.pruning.magnitude.MagnitudeIterative`
+    does for magnitudes). At extreme sparsity one shot removes too much at once for the
+    compensation's quadratic model to hold; rounds keep each step within it.
+
+    References:
+        Dong, Chen, Pan. "Learning to prune deep neural networks via layer-wise optimal
+        brain surgeon". NeurIPS 2017.
+    """
+
+    name = "obs_iterative"
+    rounds = 5
+
+
 # ---------------------------------------------------------------------------------------
 # Kronecker-factored OBD and OBS over output units.
 
