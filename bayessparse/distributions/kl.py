@@ -58,10 +58,13 @@ def _kl_sum_and_grads(theta: Tensor, log_sigma2: Tensor) -> tuple[Tensor, Tensor
     inside = (log_alpha > LOG_ALPHA_MIN) & (log_alpha < LOG_ALPHA_MAX)
     log_alpha = log_alpha.clamp(LOG_ALPHA_MIN, LOG_ALPHA_MAX)
     s = torch.sigmoid(K2 + K3 * log_alpha)
-    kl = (0.5 * F.softplus(-log_alpha) - K1 * s).sum()
+    # softplus(−log α) = log(1 + 1/α) and σ(−log α) = (1/α) / (1 + 1/α) share one exp.
+    inv_alpha = torch.exp(-log_alpha)
+    kl = (0.5 * torch.log1p(inv_alpha) - K1 * s).sum()
     # d KL / d log α = −k1 k3 s (1 − s) − ½ σ(−log α), zero where the clamp holds;
     # d log α / d θ = −2θ / (θ² + 1e-8).
-    grad = torch.where(inside, -K1 * K3 * s * (1 - s) - 0.5 * torch.sigmoid(-log_alpha), 0.0)
+    sigmoid_neg = inv_alpha / (1 + inv_alpha)
+    grad = torch.where(inside, -K1 * K3 * s * (1 - s) - 0.5 * sigmoid_neg, 0.0)
     return kl, grad * theta * (-2.0 / theta_sq), grad
 
 
