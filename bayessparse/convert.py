@@ -24,6 +24,7 @@ from bayessparse.nn.group import (
     HorseshoeLinear,
 )
 from bayessparse.nn.l0 import L0Conv1d, L0Conv2d, L0Conv3d, L0Linear
+from bayessparse.nn.sbp import SBPConv1d, SBPConv2d, SBPConv3d, SBPLinear
 from bayessparse.nn.spike_slab import (
     SpikeSlabConv1d,
     SpikeSlabConv2d,
@@ -63,6 +64,12 @@ METHODS: dict[str, dict[type[nn.Module], type[SparseModule]]] = {
         nn.Conv1d: SpikeSlabConv1d,
         nn.Conv2d: SpikeSlabConv2d,
         nn.Conv3d: SpikeSlabConv3d,
+    },
+    "sbp": {
+        nn.Linear: SBPLinear,
+        nn.Conv1d: SBPConv1d,
+        nn.Conv2d: SBPConv2d,
+        nn.Conv3d: SBPConv3d,
     },
 }
 

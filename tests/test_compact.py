@@ -22,6 +22,7 @@ GROUP_SWITCHES = {
     "group_nj": ("scale_log_sigma2", (-8.0, 8.0)),  # log alpha of z = 1: -8 or 8
     "horseshoe": ("local_log_sigma", (-5.0, 2.0)),  # scale noise e^-10 or e^4 (x mean²)
     "spike_slab": ("inclusion_logit", (10.0, -10.0)),
+    "sbp": ("noise_log_sigma", (-5.0, 4.0)),  # SNR 247 or 0.34 at mu = 0
 }
 
 

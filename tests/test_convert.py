@@ -68,7 +68,7 @@ def test_l0_method_uses_the_papers_gate_granularity():
     assert all(m.l0_lambda == 0.1 for _, m in bs.sparse_modules(net))
 
 
-@pytest.mark.parametrize("method", ["group_nj", "horseshoe", "spike_slab"])
+@pytest.mark.parametrize("method", ["group_nj", "horseshoe", "spike_slab", "sbp"])
 def test_group_methods_scale_conv_channels_and_linear_inputs(method):
     net = bs.to_sparse_(LeNet5Caffe(), method=method)
     groups = [(m.group, m.num_groups) for _, m in bs.sparse_modules(net)]

@@ -31,6 +31,10 @@ from bayessparse.nn import (
     L0Conv2d,
     L0Conv3d,
     L0Linear,
+    SBPConv1d,
+    SBPConv2d,
+    SBPConv3d,
+    SBPLinear,
     SparseModule,
     SpikeSlabConv1d,
     SpikeSlabConv2d,
@@ -43,6 +47,7 @@ from bayessparse.nn import (
 )
 from bayessparse.nn.group import _GroupHorseshoe, _GroupNJ
 from bayessparse.nn.l0 import _L0Gated
+from bayessparse.nn.sbp import _StructuredBayesianPruning
 from bayessparse.nn.spike_slab import _SpikeSlab
 from bayessparse.nn.variational import _SparseVD
 
@@ -65,6 +70,8 @@ class LayerCase:
             return ("weight", "weight_log_sigma2", "scale_loc", "scale_log_sigma2")
         if issubclass(self.cls, _SpikeSlab):
             return ("weight", "weight_log_sigma2", "inclusion_logit")
+        if issubclass(self.cls, _StructuredBayesianPruning):
+            return ("noise_mu", "noise_log_sigma")  # point-estimate weights: no weight KL
         # Sparse VD; the horseshoe's scale KL lives in its Pyro sample sites.
         return ("weight", "weight_log_sigma2")
 
@@ -76,8 +83,11 @@ class LayerCase:
 
     @property
     def exact_from_dense(self) -> bool:
-        """A regularized horseshoe scale c·z/sqrt(c² + z²) is below 1 at z = 1, by design."""
-        return "slab_scale" not in self.options
+        """A regularized horseshoe scale c·z/sqrt(c² + z²) is below 1 at z = 1, by design;
+        so is SBP's E[θ] under its initial noise (0.9946 at μ = 0, σ = e⁻⁵, as official)."""
+        return "slab_scale" not in self.options and not issubclass(
+            self.cls, _StructuredBayesianPruning
+        )
 
     def __str__(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in {**self.kwargs, **self.options}.items())
@@ -148,6 +158,18 @@ CASES = [
     LayerCase(SpikeSlabConv1d, (4, 6, 3), (2, 4, 9), (2, 5, 9), {"groups": 2}),
     LayerCase(SpikeSlabConv2d, (3, 4, 3), (3, 8, 8), (2, 8, 8), options={"group": "input"}),
     LayerCase(SpikeSlabConv3d, (2, 3, 2), (2, 2, 4, 5, 4), (2, 3, 4, 5, 4), {"bias": False}),
+    LayerCase(SBPLinear, (7, 5), (4, 7), (4, 6)),  # noise on input units
+    LayerCase(
+        SBPLinear,
+        (7, 5),
+        (3, 2, 7),
+        (3, 7, 2),
+        options={"group": "output", "log_sigma_init": -3.0, "mu_init": -1.0},
+    ),
+    LayerCase(SBPConv1d, (4, 6, 3), (2, 4, 9), (2, 5, 9), {"groups": 2}),  # output channels
+    LayerCase(SBPConv2d, (3, 4, (3, 2)), (2, 3, 8, 7), (2, 8, 7), {"padding": 1}),
+    LayerCase(SBPConv2d, (3, 4, 3), (3, 8, 8), (2, 8, 8), options={"group": "input"}),
+    LayerCase(SBPConv3d, (2, 3, 2), (2, 2, 4, 5, 4), (2, 3, 4, 5, 4), {"bias": False}),
 ]
 DTYPES = [torch.float32, torch.float64]
 
@@ -167,6 +189,10 @@ def spread_(layer: SparseModule) -> None:
             layer.scale_log_sigma2.copy_(torch.log(layer.scale_loc**2) + steps)
         elif isinstance(layer, _SpikeSlab):
             layer.inclusion_logit.copy_(torch.linspace(-4, 4, layer.num_groups))
+        elif isinstance(layer, _StructuredBayesianPruning):
+            # log sigma from -3 (SNR about 20) to 1.5 (SNR about 0.3), mu inside [-20, 0].
+            layer.noise_log_sigma.copy_(torch.linspace(-3, 1.5, layer.num_groups))
+            layer.noise_mu.copy_(torch.linspace(-2, -0.5, layer.num_groups))
         else:
             assert isinstance(layer, _GroupHorseshoe)
             # Log-normal s² from e^-8 to e^2: log alpha from about -8 to 2.

@@ -109,6 +109,7 @@ SPREAD = {
     "group_nj": ("scale_log_sigma2", -8.0, 8.0),
     "horseshoe": ("local_log_sigma", -5.0, 2.0),
     "spike_slab": ("inclusion_logit", -4.0, 4.0),
+    "sbp": ("noise_log_sigma", -2.0, 4.0),  # SNR from 13 to 0.34 at mu = 0
 }
 SELECTIONS = [
     {},

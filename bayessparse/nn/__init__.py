@@ -13,6 +13,7 @@ from bayessparse.nn.group import (
     HorseshoeLinear,
 )
 from bayessparse.nn.l0 import L0Conv1d, L0Conv2d, L0Conv3d, L0Linear
+from bayessparse.nn.sbp import SBPConv1d, SBPConv2d, SBPConv3d, SBPLinear
 from bayessparse.nn.spike_slab import (
     SpikeSlabConv1d,
     SpikeSlabConv2d,
@@ -39,6 +40,10 @@ __all__ = [
     "L0Conv2d",
     "L0Conv3d",
     "L0Linear",
+    "SBPConv1d",
+    "SBPConv2d",
+    "SBPConv3d",
+    "SBPLinear",
     "SparseModule",
     "SparseMultiheadAttention",
     "SpikeSlabConv1d",
