@@ -47,12 +47,9 @@ def _kl_normal_log_scale_uniform(q: Normal, p: LogScaleUniform) -> Tensor:
     return sparse_vd_kl(_clamped_log_alpha(q.loc, 2 * q.scale.log()))
 
 
-def _kl_sum_and_grads(theta: Tensor, log_sigma2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``Σ sparse_vd_kl − K1·n`` over flat tensors, and its gradients by θ and log σ².
-
-    Both in one pass, so that a compiled kernel (:class:`~bayessparse.fusion.Fusible`)
-    reads each weight once; no intermediate outlives the call.
-    """
+def _kl_terms(theta: Tensor, log_sigma2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per weight: the KL up to ``−K1`` and ``d KL / d log α`` (zero where the clamp
+    holds), with ``θ² + 1e-8`` and ``inside``; the shared start of the two below."""
     theta_sq = theta * theta + 1e-8
     log_alpha = log_sigma2 - torch.log(theta_sq)
     inside = (log_alpha > LOG_ALPHA_MIN) & (log_alpha < LOG_ALPHA_MAX)
@@ -60,37 +57,44 @@ def _kl_sum_and_grads(theta: Tensor, log_sigma2: Tensor) -> tuple[Tensor, Tensor
     s = torch.sigmoid(K2 + K3 * log_alpha)
     # softplus(−log α) = log(1 + 1/α) and σ(−log α) = (1/α) / (1 + 1/α) share one exp.
     inv_alpha = torch.exp(-log_alpha)
-    kl = (0.5 * torch.log1p(inv_alpha) - K1 * s).sum()
-    # d KL / d log α = −k1 k3 s (1 − s) − ½ σ(−log α), zero where the clamp holds;
-    # d log α / d θ = −2θ / (θ² + 1e-8).
-    sigmoid_neg = inv_alpha / (1 + inv_alpha)
-    grad = torch.where(inside, -K1 * K3 * s * (1 - s) - 0.5 * sigmoid_neg, 0.0)
-    return kl, grad * theta * (-2.0 / theta_sq), grad
+    kl = 0.5 * torch.log1p(inv_alpha) - K1 * s
+    # d KL / d log α = −k1 k3 s (1 − s) − ½ σ(−log α).
+    grad = torch.where(inside, -K1 * K3 * s * (1 - s) - 0.5 * inv_alpha / (1 + inv_alpha), 0.0)
+    return kl, grad, theta_sq, inside
 
 
-_fused_kl_sum_and_grads = Fusible(_kl_sum_and_grads)
+def _kl_sum(theta: Tensor, log_sigma2: Tensor) -> Tensor:
+    """``Σ sparse_vd_kl − K1·n`` over flat tensors."""
+    return _kl_terms(theta, log_sigma2)[0].sum()
+
+
+def _kl_grads(theta: Tensor, log_sigma2: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``scale`` times the gradients of :func:`_kl_sum` by θ and log σ²."""
+    _, grad, theta_sq, _ = _kl_terms(theta, log_sigma2)
+    grad = grad * scale
+    return grad * theta * (-2.0 / theta_sq), grad  # d log α / d θ = −2θ / (θ² + 1e-8)
+
+
+_fused_kl_sum = Fusible(_kl_sum)
+_fused_kl_grads = Fusible(_kl_grads)
 
 
 class _SparseVDKLSum(torch.autograd.Function):
-    """``sparse_vd_kl(log_alpha(theta, log_sigma2)).sum()`` whose forward also computes
-    the gradient, in one fused pass over the weights (compiled for large layers).
-
-    Autograd through the formula keeps a dozen weight-sized intermediates alive and
-    replays them backwards; this keeps only the two gradients.
-    """
+    """``sparse_vd_kl(log_alpha(theta, log_sigma2)).sum()`` with a backward that
+    recomputes from the inputs: one fused pass over the weights each way (compiled for
+    large layers), where autograd through the formula runs a dozen and keeps a dozen
+    weight-sized intermediates alive."""
 
     @staticmethod
     def forward(ctx: Any, theta: Tensor, log_sigma2: Tensor) -> Tensor:
-        kl, grad_theta, grad_log_sigma2 = _fused_kl_sum_and_grads(
-            theta.reshape(-1), log_sigma2.reshape(-1)
-        )
-        ctx.save_for_backward(grad_theta.view_as(theta), grad_log_sigma2.view_as(theta))
-        return kl + K1 * theta.numel()
+        ctx.save_for_backward(theta, log_sigma2)
+        return _fused_kl_sum(theta.reshape(-1), log_sigma2.reshape(-1)) + K1 * theta.numel()
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor]:
-        grad_theta, grad_log_sigma2 = ctx.saved_tensors
-        return grad_output * grad_theta, grad_output * grad_log_sigma2
+        theta, log_sigma2 = ctx.saved_tensors
+        grads = _fused_kl_grads(theta.reshape(-1), log_sigma2.reshape(-1), grad_output)
+        return grads[0].view_as(theta), grads[1].view_as(theta)
 
 
 def _clamped_log_alpha(theta: Tensor, log_sigma2: Tensor) -> Tensor:

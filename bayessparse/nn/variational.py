@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from bayessparse.distributions.kl import (
     K1,
     _clamped_log_alpha,
-    _kl_sum_and_grads,
+    _kl_grads,
+    _kl_sum,
     sparse_vd_kl_sum,
 )
 from bayessparse.fusion import Fusible
@@ -21,28 +22,34 @@ from bayessparse.nn.base import SparseModule, torch_layer_type
 SPARSE_VD_THRESHOLD = float(torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64)))
 
 
+def _clip(theta: Tensor, log_sigma2: Tensor, clip: bool) -> Tensor:
+    """``keep = [log α < 3]`` as θ's dtype with ``clip``, else 1."""
+    if not clip:
+        return torch.ones_like(theta)
+    return (log_sigma2 - torch.log(theta * theta + 1e-8) < 3.0).to(theta.dtype)
+
+
 def _training_terms(theta: Tensor, log_sigma2: Tensor, clip: bool) -> tuple[Tensor, ...]:
-    """Everything a training pass needs of each weight, over flat tensors: the mean's
-    weight ``θ·keep`` (``keep = [log α < 3]`` with ``clip``, else 1), ``σ²``, ``keep``, and
-    the KL sum with its gradients by θ and log σ²; compiled, one pass over the weights."""
-    log_alpha = log_sigma2 - torch.log(theta * theta + 1e-8)
-    keep = (log_alpha < 3.0).to(theta.dtype) if clip else torch.ones_like(theta)
-    return (theta * keep, log_sigma2.exp(), keep, *_kl_sum_and_grads(theta, log_sigma2))
+    """A training pass's mean weight ``θ·keep``, variance ``σ²`` and KL sum, over flat
+    tensors: one pass over the weights when compiled."""
+    keep = _clip(theta, log_sigma2, clip)
+    return theta * keep, log_sigma2.exp(), _kl_sum(theta, log_sigma2)
 
 
 def _training_grads(
     grad_mean: Tensor,
     grad_variance: Tensor,
     grad_kl: Tensor,
-    keep: Tensor,
-    variance: Tensor,
-    kl_grad_theta: Tensor,
-    kl_grad_log_sigma2: Tensor,
+    theta: Tensor,
+    log_sigma2: Tensor,
+    clip: bool,
 ) -> tuple[Tensor, Tensor]:
-    """The gradients by θ and log σ² of a training pass, from its three outputs'."""
+    """The gradients by θ and log σ² of a training pass, from its three outputs',
+    recomputed from θ and log σ² (cheaper than storing the terms: one more read each)."""
+    kl_grad_theta, kl_grad_log_sigma2 = _kl_grads(theta, log_sigma2, grad_kl)
     return (
-        grad_mean * keep + grad_kl * kl_grad_theta,
-        grad_variance * variance + grad_kl * kl_grad_log_sigma2,
+        grad_mean * _clip(theta, log_sigma2, clip) + kl_grad_theta,
+        grad_variance * log_sigma2.exp() + kl_grad_log_sigma2,
     )
 
 
@@ -52,32 +59,31 @@ _fused_training_grads = Fusible(_training_grads)
 
 class _TrainingTerms(torch.autograd.Function):
     """A training pass's mean weight, variance and KL from θ and log σ², in one fused
-    pass forward and one backward (the ``keep`` mask carries no gradient)."""
+    pass forward and one backward (the ``keep`` mask carries no gradient); it keeps no
+    tensor but θ and log σ² for the backward."""
 
     @staticmethod
     def forward(ctx: Any, theta: Tensor, log_sigma2: Tensor, clip: bool) -> tuple[Tensor, ...]:
-        mean, variance, keep, kl, kl_grad_theta, kl_grad_log_sigma2 = _fused_training_terms(
-            theta.reshape(-1), log_sigma2.reshape(-1), clip
-        )
-        ctx.save_for_backward(keep, variance, kl_grad_theta, kl_grad_log_sigma2)
-        ctx.shape = theta.shape
+        mean, variance, kl = _fused_training_terms(theta.reshape(-1), log_sigma2.reshape(-1), clip)
+        ctx.save_for_backward(theta, log_sigma2)
+        ctx.clip = clip
         return mean.view_as(theta), variance.view_as(theta), kl + K1 * theta.numel()
 
     @staticmethod
     def backward(
         ctx: Any, grad_mean: Tensor | None, grad_variance: Tensor | None, grad_kl: Tensor | None
     ) -> tuple[Tensor, Tensor, None]:
-        keep, variance, kl_grad_theta, kl_grad_log_sigma2 = ctx.saved_tensors
+        theta, log_sigma2 = ctx.saved_tensors
+        zero = theta.new_zeros(())
         grads = _fused_training_grads(
-            keep.new_zeros(()) if grad_mean is None else grad_mean.reshape(-1),
-            keep.new_zeros(()) if grad_variance is None else grad_variance.reshape(-1),
-            keep.new_zeros(()) if grad_kl is None else grad_kl,
-            keep,
-            variance,
-            kl_grad_theta,
-            kl_grad_log_sigma2,
+            zero if grad_mean is None else grad_mean.reshape(-1),
+            zero if grad_variance is None else grad_variance.reshape(-1),
+            zero if grad_kl is None else grad_kl,
+            theta.reshape(-1),
+            log_sigma2.reshape(-1),
+            ctx.clip,
         )
-        return grads[0].view(ctx.shape), grads[1].view(ctx.shape), None
+        return grads[0].view_as(theta), grads[1].view_as(theta), None
 
 
 # The KL that a layer's last training pass computed with its weights, with the weights'
