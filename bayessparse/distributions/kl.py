@@ -47,9 +47,9 @@ def _kl_normal_log_scale_uniform(q: Normal, p: LogScaleUniform) -> Tensor:
     return sparse_vd_kl(_clamped_log_alpha(q.loc, 2 * q.scale.log()))
 
 
-def _kl_terms(theta: Tensor, log_sigma2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _kl_terms(theta: Tensor, log_sigma2: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Per weight: the KL up to ``−K1`` and ``d KL / d log α`` (zero where the clamp
-    holds), with ``θ² + 1e-8`` and ``inside``; the shared start of the two below."""
+    holds), with ``θ² + 1e-8``; the shared start of the two below."""
     theta_sq = theta * theta + 1e-8
     log_alpha = log_sigma2 - torch.log(theta_sq)
     inside = (log_alpha > LOG_ALPHA_MIN) & (log_alpha < LOG_ALPHA_MAX)
@@ -60,7 +60,7 @@ def _kl_terms(theta: Tensor, log_sigma2: Tensor) -> tuple[Tensor, Tensor, Tensor
     kl = 0.5 * torch.log1p(inv_alpha) - K1 * s
     # d KL / d log α = −k1 k3 s (1 − s) − ½ σ(−log α).
     grad = torch.where(inside, -K1 * K3 * s * (1 - s) - 0.5 * inv_alpha / (1 + inv_alpha), 0.0)
-    return kl, grad, theta_sq, inside
+    return kl, grad, theta_sq
 
 
 def _kl_sum(theta: Tensor, log_sigma2: Tensor) -> Tensor:
@@ -70,7 +70,7 @@ def _kl_sum(theta: Tensor, log_sigma2: Tensor) -> Tensor:
 
 def _kl_grads(theta: Tensor, log_sigma2: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
     """``scale`` times the gradients of :func:`_kl_sum` by θ and log σ²."""
-    _, grad, theta_sq, _ = _kl_terms(theta, log_sigma2)
+    _, grad, theta_sq = _kl_terms(theta, log_sigma2)
     grad = grad * scale
     return grad * theta * (-2.0 / theta_sq), grad  # d log α / d θ = −2θ / (θ² + 1e-8)
 
@@ -107,9 +107,10 @@ def _clamped_log_alpha(theta: Tensor, log_sigma2: Tensor) -> Tensor:
 def sparse_vd_kl_sum(theta: Tensor, log_sigma2: Tensor) -> Tensor:
     r"""Total sparse-VD KL of a weight tensor, :math:`\sum_{ij}` :func:`sparse_vd_kl` of
     :math:`\log\alpha_{ij} = \mathrm{clamp}(\log\sigma^2_{ij} - \log(\theta_{ij}^2 + 10^{-8}),
-    -8, 8)`, computed with its gradient in one fused pass (same values and gradients as
-    autograd through the formula, in a fraction of the memory and time; compiled by
-    :mod:`bayessparse.fusion` for large tensors).
+    -8, 8)`, in one fused pass over the weights forward and one backward, which
+    recomputes from the inputs (same values and gradients as autograd through the
+    formula, in a fraction of the memory and time; compiled by :mod:`bayessparse.fusion`
+    for large tensors).
 
     Args:
         theta: posterior means.

@@ -175,9 +175,8 @@ class _SparseVD(SparseModule):
             _PASS_KL[self] = (self._posterior_versions(), kl)
         else:  # the KL must count pruned weights as zero: kl() computes it
             with torch.no_grad():
-                keep = _clamped_log_alpha(theta, log_sigma2) < 3.0
-            theta = theta * (keep.to(theta.dtype) if self.train_clip else 1.0)
-            variance = log_sigma2.exp()
+                keep = _clip(theta, log_sigma2, self.train_clip)
+            theta, variance = theta * keep, log_sigma2.exp()
         mean = self._op(x, theta, bias)
         var = self._op(x * x, variance, None)
         return self._gaussian_sample(mean, var)

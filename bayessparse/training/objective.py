@@ -123,8 +123,6 @@ def make_objective(
     """
     if kind not in OBJECTIVES:
         raise ValueError(f"Unknown objective {kind!r}. Choose one of {OBJECTIVES}.")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer {optimizer!r}. Choose one of {OPTIMIZERS}.")
     bayesian = any(True for _ in sparse_modules(net))
     if kind == "auto":
         kind = "svi" if bayesian else "supervised"
