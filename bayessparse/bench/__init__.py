@@ -2,7 +2,9 @@
 
 ``python -m bayessparse bench`` runs a grid of (method, target sparsity, seed) rows
 (:mod:`~bayessparse.bench.grid`), each trained, pruned and evaluated by one protocol
-(:mod:`~bayessparse.bench.runner`, measured by :mod:`~bayessparse.bench.measure`), and
+(:mod:`~bayessparse.bench.runner`; compression beyond pruning, whose results store
+codes, factors, hashes or a smaller student, by :mod:`~bayessparse.bench.compress`;
+measured by :mod:`~bayessparse.bench.measure`), and
 stores each finished row in its own file, merged into ``results.csv``
 (:mod:`~bayessparse.bench.store`) and plotted (:mod:`~bayessparse.bench.plots`).
 

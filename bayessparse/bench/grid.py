@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
+from bayessparse.bench.compress import PROTOCOLS
 from bayessparse.pruning import methods as pruning_methods
 from bayessparse.recipes import DENSE, TRAINABLE
 
 BAYESIAN = tuple(name for name in TRAINABLE if name != DENSE)
+COMPRESSION = tuple(sorted(PROTOCOLS))
+KINDS = ("dense", "bayesian", "pruning", "compression")
 
 
 class Item(NamedTuple):
@@ -34,12 +37,13 @@ class Item(NamedTuple):
 
 
 def method_names() -> list[str]:
-    """Every name a bench accepts, in grid order: dense, the Bayesian families, pruning."""
-    return [DENSE, *BAYESIAN, *pruning_methods()]
+    """Every name a bench accepts, in grid order: dense, the Bayesian families, pruning,
+    compression beyond pruning."""
+    return [DENSE, *BAYESIAN, *pruning_methods(), *COMPRESSION]
 
 
 def kind(method: str) -> str:
-    """``"dense"``, ``"bayesian"`` or ``"pruning"``.
+    """``"dense"``, ``"bayesian"``, ``"pruning"`` or ``"compression"``.
 
     Raises:
         ValueError: an unknown method (the message lists the names).
@@ -50,13 +54,15 @@ def kind(method: str) -> str:
         return "bayesian"
     if method in pruning_methods():
         return "pruning"
+    if method in PROTOCOLS:
+        return "compression"
     raise ValueError(f"Unknown method {method!r}. Choose from {', '.join(method_names())}.")
 
 
 def order(model: str, method: str, sparsity: float, seed: int) -> tuple:
-    """The sort key of a row: by model, then dense, Bayesian, pruning methods (each by
-    name), then sparsity and seed."""
-    group = ("dense", "bayesian", "pruning").index(kind(method))
+    """The sort key of a row: by model, then dense, Bayesian, pruning, compression
+    methods (each by name), then sparsity and seed."""
+    group = KINDS.index(kind(method))
     return (model, group, method, sparsity, seed)
 
 

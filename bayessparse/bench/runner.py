@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from bayessparse.bench import compress
 from bayessparse.bench.grid import Item, kind
 from bayessparse.bench.measure import measure
 from bayessparse.bench.store import row_path, write_row
@@ -99,6 +100,8 @@ def round_epochs(budget: int, rounds: int) -> list[int]:
 def min_budget(method: str) -> int:
     """The shortest budget the protocol of ``method`` runs with: one epoch, or for an
     after-training method one of pretraining and one per pruning round."""
+    if kind(method) == "compression":
+        return compress.min_budget(method)
     if kind(method) != "pruning":
         return 1
     cls = methods()[method]
@@ -159,6 +162,10 @@ class Bench:
     def run(self, item: Item) -> dict[str, Any]:
         """Train, prune and evaluate one row; returns its record (see ``COLUMNS``)."""
         torch.manual_seed(item.seed)  # whatever a method draws, the row alone decides it
+        head = {**item._asdict(), "budget": self.budget}
+        if kind(item.method) == "compression":
+            measured, family, stage = compress.run(self, item)
+            return {**head, "family": family, "stage": stage, **measured}
         family, stage = "dense", "none"
         if item.method == DENSE:
             net, seconds = self._dense(item.seed)
@@ -171,11 +178,12 @@ class Bench:
             net, seconds = self._pruned(item, method)
         test = self.test_split
         return {
-            **item._asdict(),
-            "budget": self.budget,
+            **head,
             "family": family,
             "stage": stage,
             **measure(net, self.initial_net(item.seed), test.images, test.labels),
+            "storage_bytes": None,  # counted only where a method codes its weights
+            "storage_compression": None,
             "train_seconds": seconds,
         }
 
@@ -188,17 +196,18 @@ class Bench:
             return build_net(self.model, DENSE, "torch")
 
     def fit(self, net: nn.Module, epochs: int, seed: int, **options: Any) -> float:
-        """Train ``net`` for ``epochs`` with the bench's settings; returns the seconds."""
+        """Train ``net`` for ``epochs`` with the bench's settings (``options`` override
+        them, e.g. ``lr`` and ``optimizer``, or add to them); returns the seconds."""
         start = time.perf_counter()
         if options.get("objective") != "svi":
-            options["optimizer"] = self.optimizer
+            options.setdefault("optimizer", self.optimizer)
         sgd = options.get("optimizer") == "sgd"
+        options.setdefault("lr", SGD_LR if sgd else self.lr)
         train(
             net,
             *self.train_split,
             epochs=epochs,
             batch_size=self.batch_size,
-            lr=SGD_LR if sgd else self.lr,
             seed=seed,
             progress=False,
             **options,
@@ -258,7 +267,7 @@ class Bench:
         if method.stage == "at_init":
             return self._at_init(item, method)
         if method.stage == "after_training":
-            return self._after_training(item, method)
+            return self.after_training(item, method)
         if method.stage == "during_training":
             return self._during_training(item, method)
         raise ValueError(
@@ -273,7 +282,7 @@ class Bench:
         seconds = self.fit(net, self.budget, item.seed)
         return method.finalize_(net), seconds
 
-    def _pretrained(self, seed: int) -> dict[str, Any]:
+    def pretrained(self, seed: int) -> dict[str, Any]:
         """The dense net trained :func:`pretrain_epochs` (cached) and its initial state."""
 
         def make() -> dict[str, Any]:
@@ -284,8 +293,10 @@ class Bench:
 
         return self.cached(f"dense-{seed}", make)
 
-    def _after_training(self, item: Item, method: PruningMethod) -> tuple[nn.Module, float]:
-        state = self._pretrained(item.seed)
+    def after_training(self, item: Item, method: PruningMethod) -> tuple[nn.Module, float]:
+        """The ``after_training`` protocol: prune the pretrained net in rounds, each
+        followed by its policy and fine-tuning; returns the net and all its seconds."""
+        state = self.pretrained(item.seed)
         net = self.initial_net(item.seed)
         net.load_state_dict(state["trained"])
         seconds = state["train_seconds"]

@@ -22,6 +22,9 @@ The columns of a row (:data:`COLUMNS`):
 - ``params``, ``compact_params``: all parameters of the dense net and of the compacted
   pruned net (:func:`~bayessparse.compaction.compact_pruned`);
 - ``speedup``: CPU forward time of the dense net over the compacted one, batch 100;
+- ``storage_bytes``, ``storage_compression``: for compression beyond pruning
+  (:mod:`~bayessparse.bench.compress`), the bytes the result stores and the dense
+  float32 net's bytes over them; empty for the other rows;
 - ``train_seconds``: all training of the row, cached phases included (pretraining,
   the Bayesian net's SVI).
 """
@@ -66,6 +69,8 @@ COLUMNS = (
     "params",
     "compact_params",
     "speedup",
+    "storage_bytes",
+    "storage_compression",
     "train_seconds",
 )
 # Columns that measure time: they differ from run to run; the rest are reproducible.
