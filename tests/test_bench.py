@@ -382,7 +382,7 @@ def test_a_unit_gated_bayesian_family_prunes_each_layers_share(tmp_path):
     # Globally, L0's input gates of the 300-unit layer could all rank below the first
     # layer's and empty it (measured: 90 % error at 0-0-0 after a 20-epoch bench).
     bench = Recording(tmp_path, budget=1)
-    net, _ = bench._bayesian(Item("lenet300", "l0", 0.9, 0))
+    net, _ = bench.bayesian(Item("lenet300", "l0", 0.9, 0))
     for layer in prunable_layers(net).values():
         kept = layer.weight_mask.bool().any(0).float().mean()  # input units kept
         assert 0.05 <= float(kept) <= 0.15

@@ -118,3 +118,34 @@ def test_distillation_trains_the_teacher_once_per_seed_and_the_student_on_it(tmp
     assert (teacher.temperature, teacher.alpha) == (20.0, 0.9)
     assert not teacher.net.training
     assert isinstance(teacher.net, nn.Sequential)
+
+
+@pytest.mark.parametrize("family", ["sparse_vd", "group_nj"])
+def test_posterior_bits_round_the_bayesian_row_to_its_layers_precision(tmp_path, family):
+    bench = Recording(tmp_path, budget=1)
+    item = Item("lenet300", f"{family}_bits", 0.9, 0)
+    row = bench.run(item)
+    plain = bench.run(item._replace(method=family))
+    assert bench.phases == [(1, {"schedule", "objective"})]  # one SVI run, cached
+    # Rounding may zero a few kept weights of a short run: never more are non-zero.
+    assert row["nonzero"] <= plain["nonzero"]
+    assert row["error"] <= plain["error"] + 0.05
+    # Fewer bits than float32 values with 5-bit indices, and at most 1 + e + 23 bits.
+    assert row["storage_bytes"] < (32 + 5) / 8 * row["nonzero"] + 4 * 410
+    assert row["family"] == "bayesian"
+
+
+def test_weight_variance_of_the_gaussian_families():
+    from bayessparse.nn import GroupNJLinear, VariationalLinear
+
+    vd = VariationalLinear(3, 2)
+    assert torch.allclose(vd.weight_variance(), vd.weight_log_sigma2.exp())
+    gnj = GroupNJLinear(3, 2)
+    with torch.no_grad():
+        gnj.scale_loc.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        gnj.scale_log_sigma2.copy_(torch.log(torch.tensor([0.1, 0.2, 0.3])))
+    z_mean, z_var = gnj.scale_loc, gnj.scale_log_sigma2.exp()
+    w_mean, w_var = gnj.weight, gnj.weight_log_sigma2.exp()
+    # Var(z w) for independent z and w, by the moments: E[z²]E[w²] − (E z E w)².
+    expected = (z_mean**2 + z_var) * (w_mean**2 + w_var) - (z_mean * w_mean) ** 2
+    assert torch.allclose(gnj.weight_variance(), expected)

@@ -322,7 +322,7 @@ def test_the_bench_prunes_each_layers_share_of_sbp_units(tmp_path):
     row = bench.run(Item("lenet300", "sbp", 0.9, 0))
     assert row["family"] == "bayesian"
     assert row["achieved_sparsity"] == pytest.approx(0.9, abs=0.01)
-    net, _ = bench._bayesian(Item("lenet300", "sbp", 0.9, 0))
+    net, _ = bench.bayesian(Item("lenet300", "sbp", 0.9, 0))
     for layer in prunable_layers(net).values():  # the target selector's layer scope
         kept = layer.weight_mask.bool().any(0).float().mean()  # input units kept
         assert 0.05 <= float(kept) <= 0.15

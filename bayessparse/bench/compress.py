@@ -13,6 +13,9 @@ net's bytes over it. With a budget of ``B`` epochs (the pruning protocols' phase
   Huffman-coded (codes and relative indices);
 - ``quantise8``, ``quantise4``, ``binarise``: the same pruned net, its survivors
   quantised uniformly (one scale per layer) without further training;
+- ``sparse_vd_bits``, ``group_nj_bits`` (Louizos et al. 2017): the Bayesian family's
+  row (its SVI net, masked at ``s``), each layer's kept weights rounded to the
+  significand bits that their posterior variances allow, stored at that width;
 - ``low_rank``: the dense net after ``B/2`` epochs, every layer factorised by
   truncated SVD at the largest rank common to all layers that meets ``1 − s``, and
   the factors fine-tuned ``B/2`` epochs;
@@ -37,17 +40,26 @@ import torch
 from torch import nn
 
 from bayessparse.bench.measure import architecture, measure, parameter_count, speedup
-from bayessparse.compression import HashedLinear, deep_compression, factorise_, quantise_
+from bayessparse.compression import (
+    HashedLinear,
+    bayesian_bits,
+    deep_compression,
+    factorise_,
+    paper_bits,
+    quantise_,
+    round_to_bits,
+    storage_bytes,
+)
 from bayessparse.metrics import classification_report, flops, predict_logits
 from bayessparse.pruning import apply_masks_, get_method, prunable_layers
-from bayessparse.pruning.base import current_mask, trained_weight
+from bayessparse.pruning.base import current_mask, recompute_pruned_, trained_weight
 from bayessparse.training import Teacher
 
 if TYPE_CHECKING:
     from bayessparse.bench.grid import Item
     from bayessparse.bench.runner import Bench
 
-FLOAT_BYTES = 4
+FLOAT_BYTES, FLOAT_BITS = 4, 32
 CODEBOOK_EPOCHS = 1
 CODEBOOK_LR = 1e-4
 TEMPERATURE, ALPHA = 20.0, 0.9  # Hinton et al.'s MNIST temperature; mostly soft targets
@@ -192,6 +204,56 @@ def _kept(net: nn.Module) -> int:
     return total
 
 
+def _posterior_bits(family: str) -> Callable[[Bench, Item], Compressed]:
+    """Bayesian compression's last step (Louizos et al. 2017): the ``family`` row's
+    masked net, each layer's kept weights rounded to the significand bits its posterior
+    variances allow (:func:`bayesian_bits`, one exponent width for the net) and stored
+    at that width with relative indices."""
+
+    def protocol(bench: Bench, item: Item) -> Compressed:
+        bayesian = item._replace(method=family)
+        net, seconds = bench.bayesian(bayesian)
+        sparse, _ = bench.bayesian_net(bayesian)
+        variances = {
+            name: layer.weight_variance().detach()
+            for name, layer in sparse.named_modules()
+            if hasattr(layer, "weight_variance")
+        }
+        layers = prunable_layers(net)
+        kept = {name: _mask(layer) for name, layer in layers.items()}
+        largest = max(
+            float(trained_weight(layer).detach().abs().max()) for layer in layers.values()
+        )  # the net's largest kept |mean|: pruned weights are zeros
+        size = 0
+        for name, layer in layers.items():
+            bits = FLOAT_BITS
+            if kept[name].any():
+                orig = getattr(layer, "weight_orig", None)
+                orig = trained_weight(layer) if orig is None else orig
+                precision = bayesian_bits(
+                    orig.detach(), variances[name], kept[name], largest_mean=largest
+                )
+                with torch.no_grad():
+                    orig.copy_(round_to_bits(orig, precision.significant_bits))
+                bits = precision.bits_per_weight
+            bias = getattr(layer, "bias", None)
+            size += storage_bytes(
+                kept[name],
+                bits_per_index=0 if kept[name].all() else paper_bits(layer),
+                bits_per_value=bits,
+                biases=bias.numel() if isinstance(bias, torch.Tensor) else 0,
+            ).bytes
+        recompute_pruned_(net)
+        return Compressed(net, seconds, size, _kept(net), masked=True)
+
+    return protocol
+
+
+def _mask(layer: nn.Module) -> torch.Tensor:
+    mask = current_mask(layer)
+    return torch.ones_like(trained_weight(layer), dtype=torch.bool) if mask is None else mask
+
+
 # --- fewer parameters ---------------------------------------------------------------------
 
 
@@ -325,6 +387,8 @@ PROTOCOLS: dict[str, Protocol] = {
     "quantise8": Protocol("quantisation", "after_training", _quantised(8)),
     "quantise4": Protocol("quantisation", "after_training", _quantised(4)),
     "binarise": Protocol("quantisation", "after_training", _quantised(1)),
+    "sparse_vd_bits": Protocol("bayesian", "during_training", _posterior_bits("sparse_vd")),
+    "group_nj_bits": Protocol("bayesian", "during_training", _posterior_bits("group_nj")),
     "low_rank": Protocol("low_rank", "after_training", _low_rank),
     "hashed": Protocol("hashing", "at_init", _hashed),
     "distillation": Protocol("distillation", "during_training", _distilled),

@@ -171,7 +171,7 @@ class Bench:
             net, seconds = self._dense(item.seed)
         elif kind(item.method) == "bayesian":
             family, stage = "bayesian", "during_training"
-            net, seconds = self._bayesian(item)
+            net, seconds = self.bayesian(item)
         else:
             method = make_method(item.method, item.seed)
             family, stage = method.family, method.stage
@@ -243,7 +243,16 @@ class Bench:
         net = self.initial_net(seed)
         return net, self.fit(net, self.budget, seed)
 
-    def _bayesian(self, item: Item) -> tuple[nn.Module, float]:
+    def bayesian(self, item: Item) -> tuple[nn.Module, float]:
+        """A Bayesian family's row: its trained net as a plain net masked at the row's
+        sparsity (units by each layer's share where the family gates units)."""
+        net, seconds = self.bayesian_net(item)
+        scope = "layer" if _scores_units(net) else "global"
+        return to_dense(net, sparsity=item.sparsity, scope=scope), seconds
+
+    def bayesian_net(self, item: Item) -> tuple[nn.Module, float]:
+        """The Bayesian net of ``item``'s family and seed, trained once by SVI for the
+        budget with the recipe's schedule scaled to it (cached), and its seconds."""
         rec = recipe(self.model, item.method)
 
         def build() -> nn.Module:
@@ -260,8 +269,7 @@ class Bench:
         state = self.cached(f"{item.method}-{item.seed}", make)
         net = build()
         net.load_state_dict(state["net"])
-        scope = "layer" if _scores_units(net) else "global"
-        return to_dense(net, sparsity=item.sparsity, scope=scope), state["train_seconds"]
+        return net, state["train_seconds"]
 
     def _pruned(self, item: Item, method: PruningMethod) -> tuple[nn.Module, float]:
         if method.stage == "at_init":

@@ -212,6 +212,16 @@ class _GroupNJ(_GroupScaled):
     def _scale_kl(self) -> Tensor:
         return sparse_vd_kl(self._group_log_alpha()).sum()
 
+    def weight_variance(self) -> Tensor:
+        """Each weight's marginal posterior variance, of ``w = z w̃`` with independent
+        ``z ~ N(μ_z, σ_z²)`` and ``w̃ ~ N(θ, σ²)``: ``μ_z² σ² + σ_z² θ² + σ_z² σ²`` (the
+        Bayesian-compression code's, for :func:`~bayessparse.compression.bayesian_bits`);
+        its mean is :meth:`dense_weight`."""
+        loc = self._as_weight(self.scale_loc).square()
+        scale_var = self._as_weight(self.scale_log_sigma2.exp())
+        var = self.weight_log_sigma2.exp()
+        return loc * var + scale_var * (self.weight.square() + var)
+
 
 class _GroupHorseshoe(_GroupScaled):
     r"""BC-GHS: :math:`z_g = \tau \lambda_g`, :math:`\tau \sim C^+(0, \tau_0)`,

@@ -155,6 +155,11 @@ class _SparseVD(SparseModule):
         """The posterior mean θ."""
         return self.weight
 
+    def weight_variance(self) -> Tensor:
+        """Each weight's posterior variance σ² (what Bayesian compression reads its bit
+        precision from, :func:`~bayessparse.compression.bayesian_bits`)."""
+        return self.weight_log_sigma2.exp()
+
     def _posterior_versions(self) -> tuple[int, int]:
         # In-place updates (optimiser steps, copy_) bump a tensor's version.
         return self.weight._version, self.weight_log_sigma2._version
