@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from bayessparse.distributions.kl import (
     K1,
     _clamped_log_alpha,
-    _kl_grads,
-    _kl_sum,
+    _kl_terms,
+    _scaled_kl_grads,
     sparse_vd_kl_sum,
 )
 from bayessparse.fusion import Fusible
@@ -32,8 +32,8 @@ def _clip(theta: Tensor, log_sigma2: Tensor, clip: bool) -> Tensor:
 def _training_terms(theta: Tensor, log_sigma2: Tensor, clip: bool) -> tuple[Tensor, ...]:
     """A training pass's mean weight ``θ·keep``, variance ``σ²`` and KL sum, over flat
     tensors: one pass over the weights when compiled."""
-    keep = _clip(theta, log_sigma2, clip)
-    return theta * keep, log_sigma2.exp(), _kl_sum(theta, log_sigma2)
+    kl, _, _, variance = _kl_terms(theta, log_sigma2)
+    return theta * _clip(theta, log_sigma2, clip), variance, kl.sum()
 
 
 def _training_grads(
@@ -46,10 +46,11 @@ def _training_grads(
 ) -> tuple[Tensor, Tensor]:
     """The gradients by θ and log σ² of a training pass, from its three outputs',
     recomputed from θ and log σ² (cheaper than storing the terms: one more read each)."""
-    kl_grad_theta, kl_grad_log_sigma2 = _kl_grads(theta, log_sigma2, grad_kl)
+    terms = _kl_terms(theta, log_sigma2)
+    kl_grad_theta, kl_grad_log_sigma2 = _scaled_kl_grads(terms, theta, grad_kl)
     return (
         grad_mean * _clip(theta, log_sigma2, clip) + kl_grad_theta,
-        grad_variance * log_sigma2.exp() + kl_grad_log_sigma2,
+        grad_variance * terms[3] + kl_grad_log_sigma2,
     )
 
 
