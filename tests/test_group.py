@@ -91,6 +91,54 @@ def test_horseshoe_conv_given_its_scales_is_the_lrt_of_the_scaled_weights():
     check_moments(draws, mean, var, z_for(2 * mean.numel()))
 
 
+def test_horseshoe_per_example_scales_match_weight_space_monte_carlo():
+    # scale_draws="example": each example's τ and λ are fresh draws of the log-normal
+    # posteriors, so the outputs are those of weights z ⊙ w̃ drawn anew for every example.
+    torch.manual_seed(2)
+    n = 40000
+    layer = HorseshoeLinear(5, 3, dtype=torch.float64, scale_draws="example")
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.5)
+        layer.weight_log_sigma2.uniform_(-4, -1)
+        layer.bias.normal_()
+        layer.global_loc.fill_(-0.3)
+        layer.global_log_sigma.fill_(-1.0)
+        layer.local_loc.uniform_(-0.5, 0.5)
+        layer.local_log_sigma.uniform_(-2.0, -0.5)
+    x = torch.randn(5, dtype=torch.float64)
+    with torch.no_grad():
+        lrt = layer.train()(x.expand(n, 5))
+        # log z_i = log τ + log λ_i, jointly normal: the moments of z in closed form.
+        m = layer.global_loc + layer.local_loc
+        s2_tau, s2 = (2 * layer.global_log_sigma).exp(), (2 * layer.local_log_sigma).exp()
+        log_var = 4 * s2_tau + s2[:, None] + s2[None, :] + 2 * torch.diag(s2)
+        second = (m[:, None] + m[None, :] + 0.5 * log_var).exp()  # E[z_i z_j]
+        first = (m + 0.5 * (s2_tau + s2)).exp()  # E[z_i]
+        theta, sigma2 = layer.weight, layer.weight_log_sigma2.exp()
+        a = theta * x  # a_oi = θ_oi x_i
+        mean = a @ first + layer.bias
+        cov = second - first[:, None] * first[None, :]
+        var = torch.einsum("oi,ij,oj->o", a, cov, a) + (sigma2 * x**2) @ torch.diag(second)
+    check_moments(lrt, mean, var, z_for(2 * 3))
+    # The sites are still sampled: the ELBO keeps the scales' prior and posterior.
+    trace = poutine.trace(layer).get_trace(x.expand(4, 5))
+    assert {"global_scale", "local_scale"} <= set(trace.stochastic_nodes)
+
+
+def test_horseshoe_per_step_scales_are_shared_by_the_batch():
+    layer = HorseshoeLinear(3, 1, bias=False, log_sigma2_init=-30.0)  # no weight noise
+    x = torch.ones(6, 3)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+        layer.local_log_sigma.fill_(0.0)  # λ spread over a factor of e
+        step = layer.train()(x)
+        layer.scale_draws = "example"
+        example = layer(x)
+    assert torch.allclose(step, step[0].expand_as(step))
+    assert example.std() > 0.5
+
+
 def test_horseshoe_guide_draws_its_log_normal_posteriors():
     layer = HorseshoeLinear(4, 2, slab_scale=2.0, slab_df=4.0)
     with torch.no_grad():
@@ -120,9 +168,11 @@ def test_regularized_horseshoe_caps_the_scale_at_the_slab():
     assert torch.allclose(z[2], torch.tensor(0.5), rtol=1e-6)
 
 
-@pytest.mark.parametrize("bad", [{"slab_df": 4.0}, {"global_scale_prior": 0.0}])
+@pytest.mark.parametrize(
+    "bad", [{"slab_df": 4.0}, {"global_scale_prior": 0.0}, {"scale_draws": "batch"}]
+)
 def test_horseshoe_rejects_bad_options(bad):
-    with pytest.raises(ValueError, match="slab_df|global_scale_prior"):
+    with pytest.raises(ValueError, match="slab_df|global_scale_prior|scale_draws"):
         HorseshoeLinear(3, 2, **bad)
 
 

@@ -29,6 +29,7 @@ from bayessparse.distributions.kl import sparse_vd_kl
 from bayessparse.nn.base import SparseModule, torch_layer_type
 
 GROUPS = ("input", "output")
+SCALE_DRAWS = ("step", "example")
 # keep_prob = 1 / (1 + alpha) > sigmoid(3)  <=>  log alpha < -3: the official BC tutorial's
 # per-layer thresholds on log alpha are -2.8, -3 and -5.
 GROUP_THRESHOLD = float(torch.sigmoid(torch.tensor(3.0, dtype=torch.float64)))
@@ -234,7 +235,11 @@ class _GroupHorseshoe(_GroupScaled):
     their log-normal posteriors are parameters of the layer (``global_loc``,
     ``global_log_sigma``, ``local_loc``, ``local_log_sigma``) and :meth:`guide` samples them.
     Train with a guide that runs every layer's :meth:`guide` (:class:`~bayessparse.
-    SparseGuide`); one draw of the scales per step, shared by the mini-batch.
+    SparseGuide`). With ``scale_draws="step"`` (default) the likelihood uses the sites'
+    draw, one per step shared by the mini-batch; with ``"example"`` each example gets its
+    own draw of τ and λ from the same log-normal posteriors (reparameterised), as BC-GNJ
+    draws z per example: the expected log-likelihood is unchanged and its estimate less
+    noisy, while the sites (still sampled) carry the scales' KL.
 
     With ``slab_scale`` set, the regularized horseshoe: :math:`\tilde\lambda_g^2 = c^2
     \lambda_g^2 / (c^2 + \tau^2 \lambda_g^2)` and :math:`z_g = \tau\tilde\lambda_g`, so no
@@ -261,9 +266,15 @@ class _GroupHorseshoe(_GroupScaled):
         slab_scale: float | None = None,
         slab_df: float | None = None,
         log_sigma_init: float = -3.0,
+        scale_draws: str = "step",
         **kwargs: Any,
     ) -> None:
         self._construct_groups(*args, group=group, **kwargs)
+        if scale_draws not in SCALE_DRAWS:
+            raise ValueError(
+                f"Expected scale_draws to be one of {SCALE_DRAWS}, got {scale_draws!r}."
+            )
+        self.scale_draws = scale_draws
         for name, value in (
             ("global_scale_prior", global_scale_prior),
             ("slab_scale", slab_scale),
@@ -367,7 +378,18 @@ class _GroupHorseshoe(_GroupScaled):
                 self._pyro_context.set(name, value)
             draws[site] = value
         slab = draws.get("slab", self.slab_scale)
+        if self.scale_draws == "example" and batch_shape:
+            return self._combine(*self._example_draws(batch_shape), slab)
         return self._combine(draws["global_scale"], draws["local_scale"], slab)
+
+    def _example_draws(self, batch_shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """τ and λ drawn per example from their log-normal posteriors, shapes
+        ``(*batch_shape, 1)`` and ``(*batch_shape, G)``."""
+        loc = self.local_loc
+        noise = torch.randn((*batch_shape, loc.numel() + 1), dtype=loc.dtype, device=loc.device)
+        tau = (self.global_loc + self.global_log_sigma.exp() * noise[..., :1]).exp()
+        lam = (loc + self.local_log_sigma.exp() * noise[..., 1:]).exp()
+        return tau, lam
 
     def _group_log_alpha(self) -> Tensor:
         # Var(z) / E[z]² of the log-normal z = tau * lambda: exp(s_tau² + s_lambda²) - 1.
@@ -454,6 +476,8 @@ class HorseshoeLinear(nn.Linear, _GroupHorseshoe):
         slab_scale, slab_df: regularized horseshoe slab (see :class:`_GroupHorseshoe`).
         log_sigma2_init: initial log σ² of the weights.
         log_sigma_init: initial log standard deviation of the log-normal scale posteriors.
+        scale_draws: ``"step"`` (one draw of the scales per step) or ``"example"`` (one
+            per example; see :class:`_GroupHorseshoe`).
     """
 
     def __init__(
