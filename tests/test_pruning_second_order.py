@@ -10,6 +10,8 @@ agree to rounding: every check here passes at a relative 1e-13 on this machine; 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,7 +158,7 @@ def test_obs_saliency_and_update_of_one_weight_are_the_constrained_optimum():
     # Loss ½‖X w − X w*‖²/n per row with w = w*: its Hessian is H = XᵀX/n exactly.
     net = linear_layer(5, 3)
     x, y = tiny_data(n=40, features=5)
-    method = LayerwiseOBS(damping=0.0)
+    method = LayerwiseOBS(damping=0.0, allocation="saliency")
     scores = method.scores(net, (x, y))["0.weight"]
     weight = net[0].weight.detach().clone()
     for q in range(5):
@@ -202,7 +204,8 @@ def test_obs_on_a_conv_is_least_squares_on_its_patches():
     )  # one row per example and output position, channel then kernel position
     weight = conv.weight.detach().reshape(3, -1).clone()
     hessian = patches.T @ patches / patches.shape[0]
-    scores = LayerwiseOBS(damping=0.0).scores(net, (x, torch.zeros(6)))["0.weight"]
+    obs = LayerwiseOBS(damping=0.0, allocation="saliency")
+    scores = obs.scores(net, (x, torch.zeros(6)))["0.weight"]
     expected = weight**2 / (2 * torch.linalg.inv(hessian).diagonal())
     torch.testing.assert_close(scores.reshape(3, -1), expected, **TIGHT)
 
@@ -217,7 +220,7 @@ def test_obs_damping_makes_a_dead_input_free_to_remove():
     net = linear_layer(4, 2)
     x, y = tiny_data(n=20, features=4)
     x[:, 2] = 0.0  # a dead input: H is singular without damping
-    scores = LayerwiseOBS(damping=1e-4).scores(net, (x, y))["0.weight"]
+    scores = LayerwiseOBS(damping=1e-4, allocation="saliency").scores(net, (x, y))["0.weight"]
     hessian = x.T @ x / 20
     # Damped H is block diagonal with λ·mean(diag H) for the dead input: [H⁻¹]_qq = 1/that.
     expected = 0.5 * net[0].weight.detach()[:, 2] ** 2 * 1e-4 * hessian.diagonal().mean()
@@ -226,7 +229,22 @@ def test_obs_damping_makes_a_dead_input_free_to_remove():
         LayerwiseOBS(damping=0.0).scores(net, (x, y))
 
 
+def test_obs_keeps_magnitude_s_count_per_layer_and_chooses_by_saliency():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).double()
+    x, y = tiny_data(n=40, features=6)
+    magnitude = prune(copy.deepcopy(net), "magnitude", 0.6)
+    masks = prune(copy.deepcopy(net), LayerwiseOBS(damping=1e-4), 0.6, data=(x, y))
+    saliency = LayerwiseOBS(damping=1e-4, allocation="saliency").scores(net, (x, y))
+    for key, mask in masks.items():
+        assert int(mask.sum()) == int(magnitude[key].sum())
+        kept, pruned = saliency[key][mask], saliency[key][~mask]
+        assert kept.min() >= pruned.max()  # within a layer, the most salient are kept
+
+
 def test_obs_refuses_negative_damping_and_unsupported_layers():
+    with pytest.raises(ValueError, match="allocation"):
+        LayerwiseOBS(allocation="layer")
     with pytest.raises(ValueError, match="damping to be a number >= 0"):
         LayerwiseOBS(damping=-1.0)
     grouped = nn.Sequential(nn.Conv2d(2, 2, 1, groups=2))
@@ -344,7 +362,7 @@ def test_a_layer_the_loss_does_not_depend_on_costs_nothing_to_prune():
 
     layer = linear_layer(3, 2)
     silent = (torch.zeros(5, 3, dtype=torch.float64), torch.zeros(5))  # H is zero
-    assert not LayerwiseOBS().scores(layer, silent)["0.weight"].any()
+    assert not LayerwiseOBS(allocation="saliency").scores(layer, silent)["0.weight"].any()
 
 
 # --- EigenDamage ----------------------------------------------------------------------

@@ -53,6 +53,7 @@ from bayessparse.pruning.registry import register
 
 CURVATURES = ("fisher", "hessian")
 FISHERS = ("true", "empirical")
+ALLOCATIONS = ("magnitude", "saliency")
 
 # Elements of the padded systems solved at once by _solve_principal (128 MiB in float64).
 _SOLVE_ELEMENTS = 2**24
@@ -502,9 +503,18 @@ class LayerwiseOBS(PruningMethod):
     δw = −H⁻¹[:, Q] ([H⁻¹]_QQ)⁻¹ w_Q (:func:`obs_update`). As in the paper, H comes from
     the inputs of the unpruned layers (one pass before any update), and the saliencies of
     a layer pruned before use its full H, not the one restricted to its survivors. Biases
-    are neither pruned nor updated. Saliencies are in units of each layer's output
-    error, as in the paper, which prunes each layer to its own ratio: ``scope="layer"``
-    is its setting.
+    are neither pruned nor updated.
+
+    Saliencies are in units of each layer's output error, which do not compare across
+    layers: the paper prunes each layer to a ratio set by hand. With
+    ``allocation="magnitude"`` (default) each layer keeps as many weights as global
+    magnitude pruning would keep there, and OBS chooses which: the scores are the
+    layer's magnitudes reassigned in the order of its saliencies, so the shared
+    selector's global cut yields magnitude's per-layer counts. ``"saliency"`` ranks the
+    raw saliencies of all layers together, which empties the layers of small inputs
+    first: on LeNet-300-100 after 10 epochs, at 98.5 % it kept 75 weights of the first
+    layer (22 % error after 2 epochs of fine-tuning, against 10 % with the magnitude
+    allocation; 90 %: 2.3 % against 2.0 %).
 
     H is damped, H + λ·mean(diag H)·I (``damping`` λ): H is singular whenever inputs are
     linearly dependent or constant (MNIST's border pixels are always zero) or there are
@@ -518,6 +528,8 @@ class LayerwiseOBS(PruningMethod):
         damping: λ >= 0 (default 1e-4).
         batch_size: examples per forward pass while collecting inputs.
         num_batches: use only the first ``num_batches`` batches of ``data`` (None: all).
+        allocation: ``"magnitude"`` or ``"saliency"``: how many weights each layer keeps
+            under a global target (above).
 
     References:
         Dong, Chen, Pan. "Learning to prune deep neural networks via layer-wise optimal
@@ -535,15 +547,18 @@ class LayerwiseOBS(PruningMethod):
         damping: float = 1e-4,
         batch_size: int = 128,
         num_batches: int | None = None,
+        allocation: str = "magnitude",
         **options: Any,
     ) -> None:
         super().__init__(**options)
         _check_damping(damping)
         check_option("batch_size", batch_size, integer=True)
         check_option("num_batches", num_batches, integer=True, optional=True)
+        _check_choice("allocation", allocation, ALLOCATIONS)
         self.damping = float(damping)
         self.batch_size = batch_size
         self.num_batches = num_batches
+        self.allocation = allocation
 
     def _hessians(self, net: nn.Module, data: Data | None) -> dict[str, Tensor]:
         data = require_data(self, data)
@@ -556,7 +571,10 @@ class LayerwiseOBS(PruningMethod):
         for name, hessian in self._hessians(net, data).items():
             weight = trained_weight(layers[name]).detach()
             saliency = 0.5 * _matrix(layers[name]).square() * _kept_curvatures(hessian)
-            scores[param_key(name)] = saliency.reshape(weight.shape)
+            saliency = saliency.reshape(weight.shape)
+            if self.allocation == "magnitude":
+                saliency = _in_order_of(weight.abs(), saliency)
+            scores[param_key(name)] = saliency
         return scores
 
     def update_(self, net: nn.Module, masks: dict[str, Tensor], data: Data | None) -> None:
@@ -568,6 +586,15 @@ class LayerwiseOBS(PruningMethod):
             weight = _matrix(layers[name])
             keep = masks[key].to(weight.device).reshape(weight.shape)
             _write_(layers[name], "weight", obs_update(weight, keep, hessian))
+
+
+def _in_order_of(values: Tensor, order: Tensor) -> Tensor:
+    """``values`` reassigned so that they rank as ``order`` does: the k-th smallest of
+    ``order``'s positions gets the k-th smallest value (ties broken stably)."""
+    ranked = order.flatten().argsort(stable=True)
+    result = torch.empty_like(values.flatten())
+    result[ranked] = values.flatten().sort().values
+    return result.view_as(values)
 
 
 @register
