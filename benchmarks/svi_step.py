@@ -13,7 +13,9 @@ over the dense step of the same net (``SupervisedObjective``: cross-entropy and 
 Adam), which the local reparameterisation's two matmuls put near 2x at best.
 
 Steps are interleaved (``--rounds`` alternating blocks of ``--steps``) so machine noise
-hits all alike; the medians' ratios are printed. Run on idle cores.
+hits all alike; the medians' ratios are printed. Run on idle cores. Both steps run with
+glibc's malloc set as ``train`` sets it (:func:`bayessparse.training.keep_freed_memory`);
+``--glibc-defaults`` leaves it as it is.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import bayessparse as bs
 from bayessparse.distributions import sparse_vd_kl
 from bayessparse.distributions.kl import sparse_vd_kl_sum
 from bayessparse.models import LeNet300100
+from bayessparse.training import keep_freed_memory
 from bayessparse.training.objective import SupervisedObjective, SVIObjective
 
 NUM_DATA, BATCH = 60000, 100
@@ -155,7 +158,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per round (LeNet)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scaling", action="store_true", help="also the MLP scaling curve")
+    parser.add_argument(
+        "--glibc-defaults",
+        action="store_true",
+        help="leave glibc's malloc as it is (train() sets it to reuse large freed blocks)",
+    )
     args = parser.parse_args()
+    if not args.glibc_defaults:
+        keep_freed_memory()  # as train() does
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x, y = torch.randn(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pyro
@@ -538,3 +541,14 @@ def test_run_folder_releases_even_when_the_working_directory_is_gone(tmp_path, m
     monkeypatch.chdir(tmp_path)
     with RunFolder(gone / "run"):  # the old lock is no longer held by this process
         pass
+
+
+def test_keep_freed_memory_is_set_once_and_can_be_switched_off():
+    # In fresh processes: the setting is per process, and the first call decides.
+    script = "from bayessparse.training import keep_freed_memory as k; print(k(), k())"
+    glibc = platform.libc_ver()[0] == "glibc" and sys.platform.startswith("linux")
+    on = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert on.stdout.split() == [str(glibc)] * 2
+    env = {**os.environ, "BAYESSPARSE_MALLOPT": "0"}
+    off = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert off.stdout.split() == ["False", "False"]

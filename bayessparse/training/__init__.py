@@ -11,9 +11,12 @@
 - :mod:`~bayessparse.training.distributed`: data-parallel training over processes and
   machines (``torch.distributed``, started by ``torchrun``);
 - :mod:`~bayessparse.training.storage`: atomic writes, verified checkpoints, and
-  :class:`RunFolder`, a directory owned by one run at a time.
+  :class:`RunFolder`, a directory owned by one run at a time;
+- :mod:`~bayessparse.training.allocator`: :func:`keep_freed_memory`, glibc's malloc set to
+  reuse large freed blocks (a step's weight-sized tensors are not fresh pages each time).
 """
 
+from bayessparse.training.allocator import keep_freed_memory
 from bayessparse.training.loop import (
     Callback,
     CheckpointExists,
@@ -67,6 +70,7 @@ __all__ = [
     "atomic_write",
     "check_data",
     "fingerprint",
+    "keep_freed_memory",
     "load_checkpoint",
     "make_objective",
     "save_checkpoint",

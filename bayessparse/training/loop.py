@@ -22,6 +22,7 @@ from bayessparse.convert import sparse_modules
 from bayessparse.infer import linear_decay, linear_warmup
 from bayessparse.masks import sparsity_report
 from bayessparse.metrics import error_rate, predict_logits
+from bayessparse.training.allocator import keep_freed_memory
 from bayessparse.training.data import (
     DatasetData,
     TensorData,
@@ -582,6 +583,7 @@ def train(
         ValueError, TypeError: bad options or data (before any training).
     """
     _check_numbers(epochs, batch_size, lr, seed)
+    keep_freed_memory()  # large tensors reused, not faulted in afresh every step
     data = _training_data(net, images, labels)
     chosen = make_objective(objective, net, len(data), float(lr), penalty, teacher, optimizer)
     if eval_data is not None:
