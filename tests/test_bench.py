@@ -492,3 +492,16 @@ def test_a_method_may_choose_its_scope_and_unit_methods_default_to_each_layer():
     assert scope_of(get_method("magnitude")) == "global"
     assert scope_of(get_method("filter_l1")) == "layer"
     assert scope_of(get_method("magnitude_local_rewind")) == "layer"
+
+
+def test_plot_panels_group_methods_by_family_bayesian_first():
+    from bayessparse.bench.plots import _families
+
+    rows = [
+        {"method": "dense", "family": "dense"},
+        {"method": "magnitude", "family": "magnitude"},
+        {"method": "gmp", "family": "magnitude"},
+        {"method": "sparse_vd", "family": "bayesian"},
+        {"method": "magnitude", "family": "magnitude"},
+    ]
+    assert _families(rows) == {"bayesian": ["sparse_vd"], "magnitude": ["magnitude", "gmp"]}
