@@ -30,10 +30,12 @@ from bayessparse.bench import (
     Bench,
     check_budget,
     claim,
+    expand,
     grid,
     merge,
     method_names,
     parse_shard,
+    presets,
     run_grid,
     shard,
 )
@@ -151,12 +153,11 @@ def _sparsity(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), got {text!r}") from None
 
 
-def _method(text: str) -> str:
-    if text not in method_names():
-        raise argparse.ArgumentTypeError(
-            f"unknown method {text!r}; choose from {', '.join(method_names())}"
-        )
-    return text
+def _methods(text: str) -> list[str]:
+    try:
+        return expand(part.strip() for part in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -316,8 +317,9 @@ def _add_bench_parser(sub: Any) -> None:
     b.add_argument("--model", choices=sorted(MODELS), default="lenet300")
     b.add_argument(
         "--methods",
-        type=_comma_list(_method),
-        help=f"comma-separated, from: {', '.join(method_names())}",
+        type=_methods,
+        help=f"comma-separated, from: {', '.join(method_names())}; or a group: "
+        f"{', '.join(presets())}",
     )
     b.add_argument(
         "--sparsities",

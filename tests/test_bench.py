@@ -440,7 +440,7 @@ def test_a_failing_row_names_itself_and_keeps_the_rows_before(tmp_path):
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--methods", "dense,prune_all"], "unknown method 'prune_all'; choose from dense,"),
+        (["--methods", "dense,prune_all"], "Unknown method 'prune_all'. Choose from dense,"),
         (["--methods", "magnitude", "--sparsities", "0.5,1.0"], "sparsity in [0, 1), got '1.0'"),
         (["--methods", "magnitude", "--shard", "2/2"], "0 <= i < n, got '2/2'"),
         (["--model", "lenet7", "--methods", "magnitude"], "invalid choice: 'lenet7'"),
@@ -505,3 +505,15 @@ def test_plot_panels_group_methods_by_family_bayesian_first():
         {"method": "magnitude", "family": "magnitude"},
     ]
     assert _families(rows) == {"bayesian": ["sparse_vd"], "magnitude": ["magnitude", "gmp"]}
+
+
+def test_method_groups_expand_in_order_without_repeats():
+    from bayessparse.bench import expand, method_names, presets
+
+    groups = presets()
+    assert expand(["dense", "bayesian", "sparse_vd"]) == ["dense", *groups["bayesian"]]
+    assert expand(["all"]) == method_names()
+    assert set(groups["compression"]) <= set(groups["all"])
+    assert "lottery_iterative" in groups["paganini_forde"]
+    with pytest.raises(ValueError, match="or a group: all, bayesian"):
+        expand(["everything"])

@@ -12,7 +12,15 @@ This is where the Bayesian side of the package and :mod:`bayessparse.pruning` me
 pruning package never imports the harness.
 """
 
-from bayessparse.bench.grid import Item, grid, method_names, parse_shard, shard
+from bayessparse.bench.grid import (
+    Item,
+    expand,
+    grid,
+    method_names,
+    parse_shard,
+    presets,
+    shard,
+)
 from bayessparse.bench.runner import Bench, check_budget, min_budget, run_grid
 from bayessparse.bench.store import COLUMNS, TIMING, SettingsMismatch, claim, merge, read_rows
 
@@ -24,11 +32,13 @@ __all__ = [
     "SettingsMismatch",
     "check_budget",
     "claim",
+    "expand",
     "grid",
     "merge",
     "method_names",
     "min_budget",
     "parse_shard",
+    "presets",
     "read_rows",
     "run_grid",
     "shard",

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from bayessparse.bench.compress import PROTOCOLS
 from bayessparse.pruning import methods as pruning_methods
+from bayessparse.pruning import paganini_forde_grid
 from bayessparse.recipes import DENSE, TRAINABLE
 
 BAYESIAN = tuple(name for name in TRAINABLE if name != DENSE)
@@ -40,6 +41,42 @@ def method_names() -> list[str]:
     """Every name a bench accepts, in grid order: dense, the Bayesian families, pruning,
     compression beyond pruning."""
     return [DENSE, *BAYESIAN, *pruning_methods(), *COMPRESSION]
+
+
+def presets() -> dict[str, list[str]]:
+    """Named groups of methods that ``--methods`` accepts beside the names: ``all``,
+    ``bayesian``, ``pruning``, ``compression``, and ``paganini_forde`` (the grid of
+    :func:`~bayessparse.pruning.paganini_forde_grid`)."""
+    return {
+        "all": method_names(),
+        "bayesian": list(BAYESIAN),
+        "pruning": list(pruning_methods()),
+        "compression": list(COMPRESSION),
+        "paganini_forde": paganini_forde_grid(),
+    }
+
+
+def expand(names: Iterable[str]) -> list[str]:
+    """``names`` with each preset replaced by its methods, in order, without repeats.
+
+    Raises:
+        ValueError: a name that is neither a method nor a preset (the message lists both).
+    """
+    groups = presets()
+    methods: dict[str, None] = {}
+    for name in names:
+        if name in groups:
+            methods.update(dict.fromkeys(groups[name]))
+            continue
+        try:
+            kind(name)
+        except ValueError:
+            raise ValueError(
+                f"Unknown method {name!r}. Choose from {', '.join(method_names())}, or a "
+                f"group: {', '.join(groups)}."
+            ) from None
+        methods[name] = None
+    return list(methods)
 
 
 def kind(method: str) -> str:
