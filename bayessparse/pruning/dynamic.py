@@ -606,8 +606,12 @@ class DeepR(DynamicSparse):
     of the initial weights, random and symmetric (the official code draws them
     independently of the magnitudes; the distribution is the same), fixed for good, so
     a connection keeps its sign through every rewiring. :meth:`finalize_` removes the
-    buffers. The defaults are the official MNIST script's: α = 10⁻⁵ and noise of std
-    ``η·10⁻⁵`` at η = 0.5, i.e. ``T = η·(10⁻⁵)²/2 = 2.5·10⁻¹¹``. The script sets each
+    buffers. The defaults give each step the official MNIST script's L1 decrement and
+    noise, ``ηα = 5·10⁻⁶`` and std ``√(2ηT) = 5·10⁻⁶`` (its α = 10⁻⁵ and T = 2.5·10⁻¹¹ at
+    η = 0.5), at the pruning papers' SGD learning rate η = 0.1: α = 5·10⁻⁵ and
+    T = 1.25·10⁻¹⁰. The script's α and T at η = 0.1 left steps five times smaller and
+    LeNet-300-100 at 97.26 % accuracy at 98 % sparsity (2 seeds, 100 epochs); without
+    L1 or noise, 95.06 %; with these defaults 97.81 % (seed 0). The script sets each
     layer's connections by hand, 1 % - 3 % - 30 % of LeNet-300-100's: the Erdős–Rényi
     shares are near them at any target (1.5 % - 4.5 % - 37 % at 98 % sparsity), where a
     uniform share leaves the output layer 20 connections for 10 classes (25.6 % error
@@ -632,8 +636,8 @@ class DeepR(DynamicSparse):
 
     def __init__(
         self,
-        alpha: float = 1e-5,
-        temperature: float = 2.5e-11,
+        alpha: float = 5e-5,
+        temperature: float = 1.25e-10,
         distribution: str = "er",
         seed: int = 0,
         **options: Any,
