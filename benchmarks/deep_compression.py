@@ -13,6 +13,11 @@ ratio of each code width) and ``layers.csv`` (bytes per layer and stage) under `
 (default ``benchmarks/results/deep_compression``).
 
     OMP_NUM_THREADS=1 python benchmarks/deep_compression.py
+    OMP_NUM_THREADS=1 python benchmarks/deep_compression.py --optimizer sgd \
+        --dense-epochs 60 --finetune-epochs 40 --finetune-lr 0.01 \
+        --out benchmarks/results/deep_compression_sgd
+
+The second (the pruning papers' SGD) gives 1.56 % error at 40.2x with 5-bit codes.
 """
 
 from __future__ import annotations
