@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune as torch_prune
 
+import bayessparse as bs
 from bayessparse.bench import (
     COLUMNS,
     Bench,
@@ -51,6 +52,8 @@ def test_grid_sorts_dense_then_bayesian_then_pruning_and_gives_dense_one_row_per
     assert names == [
         ("dense", 0.0, 0),
         ("dense", 0.0, 1),
+        ("l0", 0.0, 0),  # a Bayesian family's own threshold
+        ("l0", 0.0, 1),
         *[
             (m, s, seed)
             for m in ("l0", "magnitude", "random")
@@ -59,7 +62,7 @@ def test_grid_sorts_dense_then_bayesian_then_pruning_and_gives_dense_one_row_per
         ],
     ]
     assert {i.model for i in items} == {"lenet5"}
-    assert items[2].name == "lenet5-l0-0.5-0"
+    assert items[4].name == "lenet5-l0-0.5-0"
 
 
 def test_grid_refuses_an_unknown_method_listing_the_names():
@@ -378,6 +381,16 @@ def test_a_row_of_a_bayesian_family_trains_once_per_seed_and_selects_each_sparsi
     assert set(rows[0]) == set(COLUMNS)
 
 
+def test_a_bayesian_familys_own_threshold_row_is_its_default_masked_net(tmp_path):
+    bench = Recording(tmp_path, budget=1)
+    own, _ = bench.bayesian(Item("lenet300", "sparse_vd", 0.0, 0))
+    trained, _ = bench.bayesian_net(Item("lenet300", "sparse_vd", 0.0, 0))
+    expected = bs.masks(trained)  # log alpha < 3, the family's rule
+    for name, layer in prunable_layers(own).items():
+        assert torch.equal(layer.weight_mask.bool(), expected[f"{name}.weight"])
+    assert bench.phases == [(1, {"schedule", "objective"})]  # the cached net, once
+
+
 def test_a_unit_gated_bayesian_family_prunes_each_layers_share(tmp_path):
     # Globally, L0's input gates of the 300-unit layer could all rank below the first
     # layer's and empty it (measured: 90 % error at 0-0-0 after a 20-epoch bench).
@@ -480,7 +493,7 @@ def test_summary_table_averages_over_seeds_per_method_and_sparsity():
     rows = [row("dense", 0.0, 0, 0.02, 0.01), row("m", 0.9, 0, 0.02, 0.01),
             row("m", 0.9, 1, 0.04, 0.03), row("m", 0.99, 0, None, None)]  # fmt: skip
     table = to_markdown(rows).splitlines()
-    assert table[2] == "| method | family | dense | 90.0% | 99.0% |"
+    assert table[2] == "| method | family | dense / own | 90.0% | 99.0% |"
     assert table[4] == "| dense | f | 2.00 / 0.0100 (n = 1) |  |  |"
     assert table[5] == "| m | f |  | 3.00 / 0.0200 (n = 2) | n/a |"
 

@@ -20,6 +20,7 @@ from bayessparse.recipes import DENSE, TRAINABLE
 BAYESIAN = tuple(name for name in TRAINABLE if name != DENSE)
 COMPRESSION = tuple(sorted(PROTOCOLS))
 KINDS = ("dense", "bayesian", "pruning", "compression")
+OWN = 0.0  # the target of the dense rows, and of each Bayesian family's own-threshold row
 
 
 class Item(NamedTuple):
@@ -109,14 +110,19 @@ def grid(
     """The rows of a bench, sorted by :func:`order`, without repeats.
 
     The dense reference has one row per seed (sparsity 0); every other method has one
-    per (sparsity, seed).
+    per (sparsity, seed), and each Bayesian family one more at sparsity 0 (:data:`OWN`):
+    its net masked by its own threshold, the sparsity its prior chose.
 
     Raises:
         ValueError: an unknown method.
     """
     items: set[Item] = set()
     for method in methods:
-        levels = [0.0] if kind(method) == "dense" else [float(s) for s in sparsities]
+        levels = [float(s) for s in sparsities]
+        if kind(method) == "dense":
+            levels = [OWN]
+        elif kind(method) == "bayesian":
+            levels = [OWN, *levels]
         items.update(Item(model, method, s, int(seed)) for s in levels for seed in seeds)
     return sorted(items, key=lambda item: order(*item))
 

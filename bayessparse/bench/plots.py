@@ -19,18 +19,19 @@ REFERENCE = "sparse_vd"  # drawn in every panel, where the bench has it
 
 def seed_means(rows: list[dict[str, Any]], column: str) -> dict[str, list[tuple[float, float]]]:
     """``{method: [(mean compression, mean column), ...]}``: one point per target
-    sparsity, in the order of ``rows`` (grid order: increasing sparsity), averaged over
-    seeds. Rows without a finite compression or value, and the dense rows, are left out."""
+    sparsity, averaged over seeds, in increasing compression. Rows without a finite
+    compression or value, and the dense rows, are left out."""
     groups: dict[tuple[str, float], list[tuple[float, float]]] = defaultdict(list)
     for row in rows:
         x, y = row["compression"], row[column]
         if row["method"] != DENSE and x is not None and y is not None and math.isfinite(x):
             groups[row["method"], row["sparsity"]].append((x, y))
     curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for (method, _), points in groups.items():  # rows come in grid order
+    for (method, _), points in groups.items():
         xs, ys = zip(*points, strict=True)
         curves[method].append((sum(xs) / len(xs), sum(ys) / len(ys)))
-    return dict(curves)
+    # A Bayesian family's own-threshold point falls anywhere along its curve.
+    return {method: sorted(points) for method, points in curves.items()}
 
 
 def plot_results(rows: list[dict[str, Any]], directory: Path) -> list[Path]:

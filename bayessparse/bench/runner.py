@@ -6,7 +6,8 @@ training phase: lr constant, then linear to 0 over the phase's second half):
 - ``dense``: the plain network trained ``B`` epochs (the reference, sparsity 0);
 - Bayesian families: SVI for ``B`` epochs with the recipe's schedule scaled to ``B``,
   trained once per (method, seed) and cached; each sparsity keeps the weights of highest
-  keep-probability in the deterministic masked net, without fine-tuning;
+  keep-probability in the deterministic masked net, without fine-tuning, and the row
+  at sparsity 0 masks it by the family's own threshold (the sparsity the prior chose);
 - pruning methods, by their ``stage``:
 
   - ``"at_init"``: prune the initial net (``prepare_`` first), train ``B`` epochs;
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from bayessparse.bench import compress
-from bayessparse.bench.grid import Item, kind
+from bayessparse.bench.grid import OWN, Item, kind
 from bayessparse.bench.measure import measure
 from bayessparse.bench.store import row_path, write_row
 from bayessparse.data import Split
@@ -245,8 +246,11 @@ class Bench:
 
     def bayesian(self, item: Item) -> tuple[nn.Module, float]:
         """A Bayesian family's row: its trained net as a plain net masked at the row's
-        sparsity (units by each layer's share where the family gates units)."""
+        sparsity (units by each layer's share where the family gates units), or by its
+        own threshold at sparsity 0."""
         net, seconds = self.bayesian_net(item)
+        if item.sparsity == OWN:
+            return to_dense(net), seconds
         scope = "layer" if _scores_units(net) else "global"
         return to_dense(net, sparsity=item.sparsity, scope=scope), seconds
 
