@@ -10,67 +10,21 @@ from pyro.nn import PyroModule
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
-from bayessparse.nn import attention
+from bayessparse.nn import attention, group, l0, sbp, spike_slab, variational
 from bayessparse.nn.attention import SparseMultiheadAttention
-from bayessparse.nn.base import SparseModule
-from bayessparse.nn.group import (
-    GroupNJConv1d,
-    GroupNJConv2d,
-    GroupNJConv3d,
-    GroupNJLinear,
-    HorseshoeConv1d,
-    HorseshoeConv2d,
-    HorseshoeConv3d,
-    HorseshoeLinear,
-)
-from bayessparse.nn.l0 import L0Conv1d, L0Conv2d, L0Conv3d, L0Linear
-from bayessparse.nn.sbp import SBPConv1d, SBPConv2d, SBPConv3d, SBPLinear
-from bayessparse.nn.spike_slab import (
-    SpikeSlabConv1d,
-    SpikeSlabConv2d,
-    SpikeSlabConv3d,
-    SpikeSlabLinear,
-)
-from bayessparse.nn.variational import (
-    VariationalConv1d,
-    VariationalConv2d,
-    VariationalConv3d,
-    VariationalLinear,
-)
+from bayessparse.nn.base import SparseModule, torch_layer_type
 
 # method -> {exact torch type -> sparse class}. A new family adds a row.
 METHODS: dict[str, dict[type[nn.Module], type[SparseModule]]] = {
-    "sparse_vd": {
-        nn.Linear: VariationalLinear,
-        nn.Conv1d: VariationalConv1d,
-        nn.Conv2d: VariationalConv2d,
-        nn.Conv3d: VariationalConv3d,
-    },
-    "l0": {nn.Linear: L0Linear, nn.Conv1d: L0Conv1d, nn.Conv2d: L0Conv2d, nn.Conv3d: L0Conv3d},
-    "group_nj": {
-        nn.Linear: GroupNJLinear,
-        nn.Conv1d: GroupNJConv1d,
-        nn.Conv2d: GroupNJConv2d,
-        nn.Conv3d: GroupNJConv3d,
-    },
-    "horseshoe": {
-        nn.Linear: HorseshoeLinear,
-        nn.Conv1d: HorseshoeConv1d,
-        nn.Conv2d: HorseshoeConv2d,
-        nn.Conv3d: HorseshoeConv3d,
-    },
-    "spike_slab": {
-        nn.Linear: SpikeSlabLinear,
-        nn.Conv1d: SpikeSlabConv1d,
-        nn.Conv2d: SpikeSlabConv2d,
-        nn.Conv3d: SpikeSlabConv3d,
-    },
-    "sbp": {
-        nn.Linear: SBPLinear,
-        nn.Conv1d: SBPConv1d,
-        nn.Conv2d: SBPConv2d,
-        nn.Conv3d: SBPConv3d,
-    },
+    method: {torch_layer_type(layer): layer for layer in layers}
+    for method, layers in {
+        "sparse_vd": variational.LAYERS,
+        "l0": l0.LAYERS,
+        "group_nj": group.GROUP_NJ_LAYERS,
+        "horseshoe": group.HORSESHOE_LAYERS,
+        "spike_slab": spike_slab.LAYERS,
+        "sbp": sbp.LAYERS,
+    }.items()
 }
 
 

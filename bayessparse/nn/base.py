@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -14,7 +15,8 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 # The torch layer types a sparse layer can stand in for, most specific first.
-TORCH_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TORCH_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, *CONV_TYPES)
 
 
 def check_threshold(threshold: float) -> float:
@@ -195,6 +197,11 @@ class SparseModule(PyroModule):
         # torch's __init__ calls this before the family has built its posterior parameters.
         if self.__dict__.get("_posterior_built"):
             self._reset_posterior()
+
+    def _construct(self, *args: Any, **options: Any) -> None:
+        """Build the torch layer from its constructor's ``args`` (and ``device``,
+        ``dtype``) and the family's posterior from its keyword ``options``."""
+        raise NotImplementedError
 
     def _finish_construction(self) -> None:
         """Mark the posterior parameters as built and initialise them."""
@@ -434,3 +441,53 @@ class SparseModule(PyroModule):
         if bias_mask is not None:
             prune.custom_from_mask(dense, "bias", bias_mask)
         return dense.train(self.training)
+
+
+def convolutions(
+    family: type[SparseModule], linear: type[SparseModule], prior: str, **defaults: Any
+) -> tuple[type[SparseModule], ...]:
+    """A family's ``nn.Conv1d``, ``nn.Conv2d`` and ``nn.Conv3d`` layers, made alike.
+
+    Each subclasses its torch convolution first and ``family`` second, takes the torch
+    constructor plus ``linear``'s keyword-only options (``defaults`` replacing their
+    defaults, e.g. ``group="output"``: one group per output channel), and is named after
+    ``linear`` in its module (``L0Linear`` -> ``L0Conv1d``...), so it pickles by name.
+
+    Args:
+        family: the family's mixin (a :class:`SparseModule` with ``_construct``).
+        linear: the family's ``nn.Linear`` layer, whose docstring lists the options.
+        prior: what the layer adds to the convolution, for the docstring.
+        defaults: keyword options whose default differs from ``linear``'s.
+    """
+    prefix = linear.__name__.removesuffix("Linear")
+    changed = ", ".join(f"``{key}={value!r}``" for key, value in defaults.items())
+    return tuple(
+        _convolution(family, torch_type, f"{prefix}{torch_type.__name__}", defaults, doc)
+        for torch_type in CONV_TYPES
+        for doc in [
+            f"``nn.{torch_type.__name__}`` with {prior}; options as :class:`{linear.__name__}`"
+            + (f", with {changed} by default." if changed else ".")
+        ]
+    )
+
+
+def _convolution(
+    family: type[SparseModule],
+    torch_type: type[nn.Module],
+    name: str,
+    defaults: dict[str, Any],
+    doc: str,
+) -> type[SparseModule]:
+    def __init__(self: Any, *args: Any, **options: Any) -> None:
+        family._construct(self, *args, **{**defaults, **options})
+
+    namespace = {
+        "__init__": __init__,
+        "__doc__": doc,
+        "__module__": family.__module__,
+        "__qualname__": name,
+        # The torch type comes first in the MRO: the family's methods must win.
+        "reset_parameters": SparseModule.reset_parameters,
+        "forward": family.forward,
+    }
+    return types.new_class(name, (torch_type, family), exec_body=lambda ns: ns.update(namespace))

@@ -26,7 +26,7 @@ from pyro.nn import pyro_method
 from torch import Tensor, nn
 
 from bayessparse.distributions.kl import sparse_vd_kl
-from bayessparse.nn.base import SparseModule, torch_layer_type
+from bayessparse.nn.base import SparseModule, convolutions, torch_layer_type
 
 GROUPS = ("input", "output")
 SCALE_DRAWS = ("step", "example")
@@ -397,14 +397,6 @@ class _GroupHorseshoe(_GroupScaled):
         return torch.log(torch.expm1(s2))
 
 
-def _groupnj_init(self: Any, *args: Any, group: str = "output", **kwargs: Any) -> None:
-    _GroupNJ._construct(self, *args, group=group, **kwargs)
-
-
-def _horseshoe_init(self: Any, *args: Any, group: str = "output", **kwargs: Any) -> None:
-    _GroupHorseshoe._construct(self, *args, group=group, **kwargs)
-
-
 class GroupNJLinear(nn.Linear, _GroupNJ):
     """``nn.Linear`` with a group normal-Jeffreys scale per input unit (BC-GNJ).
 
@@ -435,31 +427,18 @@ class GroupNJLinear(nn.Linear, _GroupNJ):
     forward = _GroupNJ.forward
 
 
-class GroupNJConv1d(nn.Conv1d, _GroupNJ):
-    """``nn.Conv1d`` with a group normal-Jeffreys scale per output channel (BC-GNJ);
-    options as :class:`GroupNJLinear`, with ``group="output"`` by default."""
-
-    __init__ = _groupnj_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _GroupNJ.forward
-
-
-class GroupNJConv2d(nn.Conv2d, _GroupNJ):
-    """``nn.Conv2d`` with a group normal-Jeffreys scale per output channel; see
-    :class:`GroupNJConv1d`."""
-
-    __init__ = _groupnj_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _GroupNJ.forward
-
-
-class GroupNJConv3d(nn.Conv3d, _GroupNJ):
-    """``nn.Conv3d`` with a group normal-Jeffreys scale per output channel; see
-    :class:`GroupNJConv1d`."""
-
-    __init__ = _groupnj_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _GroupNJ.forward
+GroupNJConv1d, GroupNJConv2d, GroupNJConv3d = convolutions(
+    _GroupNJ,
+    GroupNJLinear,
+    "a group normal-Jeffreys scale per output channel (BC-GNJ)",
+    group="output",
+)
+GROUP_NJ_LAYERS: tuple[type[SparseModule], ...] = (
+    GroupNJLinear,
+    GroupNJConv1d,
+    GroupNJConv2d,
+    GroupNJConv3d,
+)
 
 
 class HorseshoeLinear(nn.Linear, _GroupHorseshoe):
@@ -497,28 +476,15 @@ class HorseshoeLinear(nn.Linear, _GroupHorseshoe):
     forward = _GroupHorseshoe.forward
 
 
-class HorseshoeConv1d(nn.Conv1d, _GroupHorseshoe):
-    """``nn.Conv1d`` with a group horseshoe prior per output channel (BC-GHS); options as
-    :class:`HorseshoeLinear`, with ``group="output"`` by default."""
-
-    __init__ = _horseshoe_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _GroupHorseshoe.forward
-
-
-class HorseshoeConv2d(nn.Conv2d, _GroupHorseshoe):
-    """``nn.Conv2d`` with a group horseshoe prior per output channel; see
-    :class:`HorseshoeConv1d`."""
-
-    __init__ = _horseshoe_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _GroupHorseshoe.forward
-
-
-class HorseshoeConv3d(nn.Conv3d, _GroupHorseshoe):
-    """``nn.Conv3d`` with a group horseshoe prior per output channel; see
-    :class:`HorseshoeConv1d`."""
-
-    __init__ = _horseshoe_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _GroupHorseshoe.forward
+HorseshoeConv1d, HorseshoeConv2d, HorseshoeConv3d = convolutions(
+    _GroupHorseshoe,
+    HorseshoeLinear,
+    "a group horseshoe prior per output channel (BC-GHS)",
+    group="output",
+)
+HORSESHOE_LAYERS: tuple[type[SparseModule], ...] = (
+    HorseshoeLinear,
+    HorseshoeConv1d,
+    HorseshoeConv2d,
+    HorseshoeConv3d,
+)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from bayessparse.distributions.hard_concrete import HardConcrete
-from bayessparse.nn.base import SparseModule, torch_layer_type
+from bayessparse.nn.base import SparseModule, convolutions, torch_layer_type
 
 GATES = ("weight", "input", "output")
 # The official code clamps log alpha to [log 1e-2, log 1e2] after every step: a gate can
@@ -202,30 +202,10 @@ class L0Linear(nn.Linear, _L0Gated):
     forward = _L0Gated.forward
 
 
-def _conv_init(self: Any, *args: Any, gate: str = "output", **kwargs: Any) -> None:
-    _L0Gated._construct(self, *args, gate=gate, **kwargs)
-
-
-class L0Conv1d(nn.Conv1d, _L0Gated):
-    """``nn.Conv1d`` with hard-concrete L0 gates; options as :class:`L0Linear`, but
-    ``gate="output"`` (one gate per output channel, the paper's ``L0Conv2d``) by default."""
-
-    __init__ = _conv_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _L0Gated.forward
-
-
-class L0Conv2d(nn.Conv2d, _L0Gated):
-    """``nn.Conv2d`` with hard-concrete L0 gates; see :class:`L0Conv1d`."""
-
-    __init__ = _conv_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _L0Gated.forward
-
-
-class L0Conv3d(nn.Conv3d, _L0Gated):
-    """``nn.Conv3d`` with hard-concrete L0 gates; see :class:`L0Conv1d`."""
-
-    __init__ = _conv_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _L0Gated.forward
+L0Conv1d, L0Conv2d, L0Conv3d = convolutions(
+    _L0Gated,
+    L0Linear,
+    "hard-concrete L0 gates (one per output channel: the paper's L0Conv2d)",
+    gate="output",
+)
+LAYERS: tuple[type[SparseModule], ...] = (L0Linear, L0Conv1d, L0Conv2d, L0Conv3d)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from bayessparse.distributions.truncated_log_normal import TruncatedLogNormal
-from bayessparse.nn.base import SparseModule, torch_layer_type
+from bayessparse.nn.base import SparseModule, convolutions, torch_layer_type
 
 GROUPS = ("input", "output")
 # The official code clips mu and log sigma to [-20, 5] (it does so in the forward pass;
@@ -184,10 +184,6 @@ class _StructuredBayesianPruning(SparseModule):
         return self._op(x, weight, bias) * theta
 
 
-def _conv_init(self: Any, *args: Any, group: str = "output", **kwargs: Any) -> None:
-    _StructuredBayesianPruning._construct(self, *args, group=group, **kwargs)
-
-
 class SBPLinear(nn.Linear, _StructuredBayesianPruning):
     """``nn.Linear`` with Structured Bayesian Pruning noise on each input unit.
 
@@ -229,28 +225,10 @@ class SBPLinear(nn.Linear, _StructuredBayesianPruning):
     forward = _StructuredBayesianPruning.forward
 
 
-class SBPConv1d(nn.Conv1d, _StructuredBayesianPruning):
-    """``nn.Conv1d`` with Structured Bayesian Pruning noise on each output channel; options
-    as :class:`SBPLinear`, with ``group="output"`` by default."""
-
-    __init__ = _conv_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _StructuredBayesianPruning.forward
-
-
-class SBPConv2d(nn.Conv2d, _StructuredBayesianPruning):
-    """``nn.Conv2d`` with Structured Bayesian Pruning noise on each output channel; see
-    :class:`SBPConv1d`."""
-
-    __init__ = _conv_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _StructuredBayesianPruning.forward
-
-
-class SBPConv3d(nn.Conv3d, _StructuredBayesianPruning):
-    """``nn.Conv3d`` with Structured Bayesian Pruning noise on each output channel; see
-    :class:`SBPConv1d`."""
-
-    __init__ = _conv_init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _StructuredBayesianPruning.forward
+SBPConv1d, SBPConv2d, SBPConv3d = convolutions(
+    _StructuredBayesianPruning,
+    SBPLinear,
+    "Structured Bayesian Pruning noise on each output channel",
+    group="output",
+)
+LAYERS: tuple[type[SparseModule], ...] = (SBPLinear, SBPConv1d, SBPConv2d, SBPConv3d)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bayessparse.nn.base import SparseModule
+from bayessparse.nn.base import SparseModule, convolutions
 from bayessparse.nn.group import _GroupScaled
 
 
@@ -108,10 +108,6 @@ class _SpikeSlab(_GroupScaled):
         return gate_kl.sum() + (p * slab_kl.sum(other)).sum()
 
 
-def _init(self: Any, *args: Any, group: str = "output", **kwargs: Any) -> None:
-    _SpikeSlab._construct(self, *args, group=group, **kwargs)
-
-
 class SpikeSlabLinear(nn.Linear, _SpikeSlab):
     """``nn.Linear`` with a relaxed spike-and-slab prior on each input unit's weights.
 
@@ -144,28 +140,15 @@ class SpikeSlabLinear(nn.Linear, _SpikeSlab):
     forward = _SpikeSlab.forward
 
 
-class SpikeSlabConv1d(nn.Conv1d, _SpikeSlab):
-    """``nn.Conv1d`` with a relaxed spike-and-slab prior per output channel; options as
-    :class:`SpikeSlabLinear`, with ``group="output"`` by default."""
-
-    __init__ = _init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _SpikeSlab.forward
-
-
-class SpikeSlabConv2d(nn.Conv2d, _SpikeSlab):
-    """``nn.Conv2d`` with a relaxed spike-and-slab prior per output channel; see
-    :class:`SpikeSlabConv1d`."""
-
-    __init__ = _init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _SpikeSlab.forward
-
-
-class SpikeSlabConv3d(nn.Conv3d, _SpikeSlab):
-    """``nn.Conv3d`` with a relaxed spike-and-slab prior per output channel; see
-    :class:`SpikeSlabConv1d`."""
-
-    __init__ = _init
-    reset_parameters = SparseModule.reset_parameters
-    forward = _SpikeSlab.forward
+SpikeSlabConv1d, SpikeSlabConv2d, SpikeSlabConv3d = convolutions(
+    _SpikeSlab,
+    SpikeSlabLinear,
+    "a relaxed spike-and-slab prior per output channel",
+    group="output",
+)
+LAYERS: tuple[type[SparseModule], ...] = (
+    SpikeSlabLinear,
+    SpikeSlabConv1d,
+    SpikeSlabConv2d,
+    SpikeSlabConv3d,
+)

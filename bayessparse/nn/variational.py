@@ -16,7 +16,7 @@ from bayessparse.distributions.kl import (
     sparse_vd_kl_sum,
 )
 from bayessparse.fusion import Fusible
-from bayessparse.nn.base import SparseModule, torch_layer_type
+from bayessparse.nn.base import SparseModule, convolutions, torch_layer_type
 
 # keep_prob = sigmoid(-log alpha) > sigmoid(-3)  <=>  log alpha < 3, the paper's rule.
 SPARSE_VD_THRESHOLD = float(torch.sigmoid(torch.tensor(-3.0, dtype=torch.float64)))
@@ -236,37 +236,12 @@ class VariationalLinear(nn.Linear, _SparseVD):
     forward = _SparseVD.forward
 
 
-class VariationalConv1d(nn.Conv1d, _SparseVD):
-    """Sparse variational dropout ``nn.Conv1d``.
-
-    Same constructor as the torch convolution, plus the keyword-only ``log_sigma2_init`` and
-    ``train_clip`` of :class:`VariationalLinear`.
-    """
-
-    __init__ = _SparseVD._construct
-    reset_parameters = SparseModule.reset_parameters
-    forward = _SparseVD.forward
-
-
-class VariationalConv2d(nn.Conv2d, _SparseVD):
-    """Sparse variational dropout ``nn.Conv2d``.
-
-    Same constructor as the torch convolution, plus the keyword-only ``log_sigma2_init`` and
-    ``train_clip`` of :class:`VariationalLinear`.
-    """
-
-    __init__ = _SparseVD._construct
-    reset_parameters = SparseModule.reset_parameters
-    forward = _SparseVD.forward
-
-
-class VariationalConv3d(nn.Conv3d, _SparseVD):
-    """Sparse variational dropout ``nn.Conv3d``.
-
-    Same constructor as the torch convolution, plus the keyword-only ``log_sigma2_init`` and
-    ``train_clip`` of :class:`VariationalLinear`.
-    """
-
-    __init__ = _SparseVD._construct
-    reset_parameters = SparseModule.reset_parameters
-    forward = _SparseVD.forward
+VariationalConv1d, VariationalConv2d, VariationalConv3d = convolutions(
+    _SparseVD, VariationalLinear, "sparse variational dropout on every weight"
+)
+LAYERS: tuple[type[SparseModule], ...] = (
+    VariationalLinear,
+    VariationalConv1d,
+    VariationalConv2d,
+    VariationalConv3d,
+)
