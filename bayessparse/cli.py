@@ -188,6 +188,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a Bayesian sparse network on MNIST and report on it.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_bench_parser(sub)
+    return parser
+
+
+def _add_train_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="train a sparse network on MNIST, threshold, report")
     t.add_argument(
         "--config",
@@ -279,6 +286,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-progress", dest="progress", action="store_false")
 
+
+def _add_evaluate_parser(sub: Any) -> None:
     e = sub.add_parser(
         "evaluate",
         help="sweep, calibration, OOD detection and export of a finished run",
@@ -297,8 +306,6 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_number(int, 0, MAX_SEED), default=0)
     e.add_argument("--no-plots", dest="plots", action="store_false")
     e.add_argument("--threads", type=_number(int, 1), help="torch threads (default: torch's)")
-    _add_bench_parser(sub)
-    return parser
 
 
 def _add_bench_parser(sub: Any) -> None:
