@@ -32,7 +32,9 @@ GRID = [
     "--budget",
     "2",
 ]
-ROWS = 2 + 3 * 2 * 2  # dense: one row per seed; the others: one per (sparsity, seed)
+# dense: one row per seed; the others: one per (sparsity, seed), and sparse VD one more
+# per seed at its own threshold.
+ROWS = 2 + 3 * 2 * 2 + 2
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +109,8 @@ def test_a_killed_bench_restarted_keeps_every_finished_row_and_recomputes_none(
     keys = [(r["method"], float(r["sparsity"]), int(r["seed"])) for r in rows]
     # Grid order: the dense reference, Bayesian families, pruning methods by name.
     methods = ("sparse_vd", "magnitude", "random")
-    assert keys == [("dense", 0.0, seed) for seed in (0, 1)] + [
-        (m, s, seed) for m in methods for s in (0.5, 0.9) for seed in (0, 1)
-    ]
+    own = [(m, 0.0, seed) for m in ("dense", "sparse_vd") for seed in (0, 1)]
+    assert keys == [*own, *[(m, s, seed) for m in methods for s in (0.5, 0.9) for seed in (0, 1)]]
     assert not list(out.glob("**/.*.tmp"))  # the killed writer's temporary file is gone
 
 

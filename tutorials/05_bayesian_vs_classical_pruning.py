@@ -94,7 +94,9 @@ for row in tiny:
         f"error {float(row['error']):.2%}  ECE {float(row['ece']):.4f}  kept {row['architecture']}"
     )
 assert {row["method"] for row in tiny} == {"dense", "sparse_vd", "magnitude"}
-assert all(abs(float(r["achieved_sparsity"]) - 0.9) < 1e-3 for r in tiny if r["method"] != "dense")
+# Sparse VD also has a row at its own threshold (target 0): the sparsity its prior chose.
+forced = [r for r in tiny if float(r["sparsity"]) > 0]
+assert all(abs(float(r["achieved_sparsity"]) - 0.9) < 1e-3 for r in forced)
 
 # %% [markdown]
 # ## The committed benchmark: one curve
