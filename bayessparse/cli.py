@@ -949,6 +949,8 @@ def _print_evaluation(result: dict[str, Any], folder: Path) -> None:
         f"{exported['size']['params']} parameters, {exported['flops']['nonzero']} of "
         f"{exported['dense_flops']} MACs)"
     )
+    speed = ", ".join(f"{x:.2f}x at batch {batch}" for batch, x in exported["speedup"].items())
+    print(f"CPU speed-up over the dense net: {speed}")
     print(f"evaluation {folder / EVALUATION}")
 
 

@@ -7,10 +7,12 @@ Each row is one ``python -m bayessparse train`` command (a paper's recipe) and t
 figure its paper publishes. Every (row, seed) trains into
 ``benchmarks/results/reproduce/ROW-sSEED/`` with ``--resume``: a killed run continues
 from its last completed epoch, and a finished one (its ``report.json`` there) is not run
-again. The table of every finished run (mean and spread over its seeds, the paper's
-figure beside it) is then written to ``benchmarks/results/reproduce/table.md`` and into
-README.md between the ``reproduce:begin`` / ``reproduce:end`` markers. Without ROW
-arguments every row runs; nothing is computed with ``--table-only``.
+again. Each finished run is then evaluated once (``python -m bayessparse evaluate``: the
+compacted net's CPU speed-up, the masked posterior, OOD detection). The table of every
+finished run (mean and spread over its seeds, the paper's figure beside it) is written to
+``benchmarks/results/reproduce/table.md`` and into README.md between the
+``reproduce:begin`` / ``reproduce:end`` markers. Without ROW arguments every row runs; nothing
+is computed with ``--table-only``.
 """
 
 from __future__ import annotations
@@ -74,18 +76,40 @@ def run_folder(name: str, seed: int) -> Path:
 
 
 def run(name: str, seed: int, threads: int) -> int:
-    """Train (or continue) one (row, seed); returns the train command's exit code."""
+    """Train (or continue) one (row, seed), then evaluate it once; returns the exit code."""
     folder = run_folder(name, seed)
-    if (folder / "report.json").exists():
+    if not (folder / "report.json").exists():
+        argv = ["train", *ROWS[name].options, "--seed", str(seed), "--out", str(folder)]
+        code = cli_main([*argv, "--resume", "--threads", str(threads), "--no-progress"])
+        if code:
+            return code
+    if (folder / "evaluation.json").exists():
         return 0
-    argv = ["train", *ROWS[name].options, "--seed", str(seed), "--out", str(folder)]
-    return cli_main([*argv, "--resume", "--threads", str(threads)])
+    # The compacted net's speed-up, the masked posterior and OOD detection.
+    return cli_main(["evaluate", str(folder), "--no-plots", "--threads", str(threads)])
 
 
 def reports(name: str) -> list[dict]:
-    """The finished reports of a row, by seed."""
+    """The finished reports of a row, by seed, each with its evaluation when there is one."""
     found = sorted(RESULTS.glob(f"{name}-s*/report.json"))
-    return [json.loads(path.read_text()) for path in found]
+    return [_with_evaluation(path) for path in found]
+
+
+def _with_evaluation(report: Path) -> dict:
+    evaluation = report.with_name("evaluation.json")
+    return {
+        **json.loads(report.read_text()),
+        "evaluation": json.loads(evaluation.read_text()) if evaluation.exists() else None,
+    }
+
+
+def _speedup(done: list[dict]) -> str:
+    """Mean CPU speed-up of the exported nets at batch 1 and 100 (runs evaluated so far)."""
+    evaluated = [r["evaluation"]["export"]["speedup"] for r in done if r["evaluation"]]
+    if not evaluated:
+        return "–"
+    mean = {b: statistics.fmean(s[b] for s in evaluated) for b in evaluated[0]}
+    return " / ".join(f"{x:.1f}×" for x in mean.values())
 
 
 def _spread(values: list[float], scale: float, digits: int, unit: str) -> str:
@@ -100,8 +124,9 @@ def table() -> str:
     """The README's results table: one line per row with a finished run."""
     lines = [
         "| Run (`python -m bayessparse train ...`) | Seeds | Test error | Compression "
-        "| Kept units (per seed) | NLL / ECE | Train time | Paper |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Kept units (per seed) | NLL / ECE | CPU speed-up (batch 1 / 100) | Train time "
+        "| Paper |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in ROWS.items():
         done = reports(name)
@@ -115,7 +140,7 @@ def table() -> str:
         minutes = statistics.fmean(r["train_seconds"] for r in done) / 60
         lines.append(
             f"| `{row.command}` | {len(done)} | {error} | {compression} | {kept} "
-            f"| {nll:.3f} / {ece:.4f} | {minutes:.0f} min | {row.paper} |"
+            f"| {nll:.3f} / {ece:.4f} | {_speedup(done)} | {minutes:.0f} min | {row.paper} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -437,7 +437,10 @@ def test_evaluate_writes_sweep_metrics_ood_plots_and_the_exported_model(tmp_path
     )
     assert evaluate.returncode == 0, evaluate.stderr
     assert "OOD AUROC, monte_carlo, inverted" in evaluate.stdout
+    assert "CPU speed-up over the dense net: " in evaluate.stdout
     evaluation = json.loads((out / "evaluation.json").read_text())
+    assert set(evaluation["export"]["speedup"]) == {"1", "100"}
+    assert all(x > 0 for x in evaluation["export"]["speedup"].values())
     assert set(evaluation["test"]) == {"deterministic", "monte_carlo"}
     # The run's own data: the subset's 200 test images, its first 100 for OOD detection.
     assert report["settings"]["data_dir"] == str(mnist.resolve())

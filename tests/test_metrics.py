@@ -478,3 +478,9 @@ def test_model_size_counts_tied_parameters_once_and_pruned_tensors():
         model_size(shared, masks={"weight_orig": torch.ones(3, 4)})
     with pytest.raises(TypeError, match="index_dtype"):
         model_size(shared, index_dtype=torch.int16)
+
+
+def test_speedup_of_a_net_over_itself_is_near_one():
+    net = nn.Sequential(nn.Linear(64, 64))
+    ratio = metrics_module.speedup(net, net, torch.randn(100, 64), reps=21)
+    assert 0.2 < ratio < 5  # same work; the bounds only catch a swapped or broken ratio

@@ -48,16 +48,42 @@ def test_table_gives_mean_and_spread_over_seeds_with_the_paper(reproduce):
     assert "400-100-50, 410-101-52" in row and "1.92 % at 68×" in row
 
 
-def test_finished_runs_are_not_run_again(reproduce, monkeypatch):
+def test_finished_runs_are_evaluated_once_and_not_run_again(reproduce, monkeypatch):
     calls = []
     monkeypatch.setattr(reproduce, "cli_main", lambda argv: calls.append(argv) or 0)
-    _report(reproduce.run_folder("gnj-5", 0), 0.01, 5.0, "10-20-100-50")
+    folder = reproduce.run_folder("gnj-5", 0)
+    _report(folder, 0.01, 5.0, "10-20-100-50")
+    assert reproduce.run("gnj-5", 0, threads=1) == 0
+    assert calls == [["evaluate", str(folder), "--no-plots", "--threads", "1"]]
+    (folder / "evaluation.json").write_text("{}")
+    calls.clear()
     assert reproduce.run("gnj-5", 0, threads=1) == 0
     assert calls == []
     reproduce.run("gnj-5", 1, threads=1)
-    (argv,) = calls
-    assert argv[:5] == ["train", "--model", "lenet5", "--method", "group_nj"]
-    assert "--resume" in argv and str(reproduce.run_folder("gnj-5", 1)) in argv
+    train, evaluate = calls
+    assert train[:5] == ["train", "--model", "lenet5", "--method", "group_nj"]
+    assert "--resume" in train and str(reproduce.run_folder("gnj-5", 1)) in train
+    assert evaluate[:2] == ["evaluate", str(reproduce.run_folder("gnj-5", 1))]
+
+
+def test_failed_training_is_not_evaluated(reproduce, monkeypatch):
+    calls = []
+    monkeypatch.setattr(reproduce, "cli_main", lambda argv: calls.append(argv) or 1)
+    assert reproduce.run("gnj-5", 0, threads=1) == 1
+    assert [argv[0] for argv in calls] == ["train"]
+
+
+def test_table_gives_the_evaluated_runs_mean_speedup(reproduce):
+    for seed, (one, hundred) in enumerate([(1.5, 2.0), (1.7, 2.4)]):
+        folder = reproduce.run_folder("gnj-5", seed)
+        _report(folder, 0.01, 5.0, "10-20-100-50")
+        evaluation = {"export": {"speedup": {"1": one, "100": hundred}}}
+        (folder / "evaluation.json").write_text(json.dumps(evaluation))
+    _report(reproduce.run_folder("gnj-5", 2), 0.01, 5.0, "10-20-100-50")  # not evaluated yet
+    _report(reproduce.run_folder("l0-300", 0), 0.0169, 3.2, "192-242-99")
+    rows = {line.split("|")[1].strip(): line for line in reproduce.table().splitlines()[2:]}
+    assert "| 1.6× / 2.2× |" in rows["`--model lenet5 --method group_nj`"]
+    assert "| – |" in rows["`--model lenet300 --method l0`"]
 
 
 def test_readme_table_is_replaced_between_markers_only(reproduce):

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from bayessparse.compaction import compact_pruned
-from bayessparse.metrics import classification_report, flops, predict_logits
+from bayessparse.metrics import classification_report, flops, predict_logits, speedup
 from bayessparse.pruning.base import prunable_layers, trained_weight
 
-# Interleaved timing: enough calls for a stable median, a few milliseconds for LeNets.
-TIMING_REPS = 7
 TIMING_BATCH = 100
 
 
@@ -75,20 +70,3 @@ def architecture(net: nn.Module) -> str:
 def parameter_count(net: nn.Module) -> int:
     """Parameters of ``net``; a pruned layer counts its weight once (not the mask)."""
     return sum(p.numel() for p in net.parameters())
-
-
-@torch.no_grad()
-def speedup(dense: nn.Module, small: nn.Module, batch: Tensor, reps: int = TIMING_REPS) -> float:
-    """Median forward time of ``dense`` over that of ``small`` on ``batch``.
-
-    The two are timed alternately, after one warm-up call each, so that a change in the
-    machine's load hits both alike.
-    """
-    times: dict[int, list[float]] = {id(dense): [], id(small): []}
-    for rep in range(reps + 1):
-        for net in (dense, small):
-            start = time.perf_counter()
-            net(batch)
-            if rep:
-                times[id(net)].append(time.perf_counter() - start)
-    return statistics.median(times[id(dense)]) / statistics.median(times[id(small)])
