@@ -54,6 +54,7 @@ from bayessparse.evaluation import (
     REPORT,
     RunError,
     evaluate_run,
+    load_pretrained,
 )
 from bayessparse.infer import predict
 from bayessparse.masks import masks, sparsity_report
@@ -227,6 +228,13 @@ def _add_train_parser(sub: Any) -> None:
         help="epoch from which the lr falls linearly to 0 (default: the recipe's, scaled)",
     )
     t.add_argument("--init", choices=INITS, help="initial weights (default: the recipe's)")
+    t.add_argument(
+        "--init-from",
+        type=_path,
+        metavar="RUN",
+        help="start from the weights of a 'train --method dense' run (its folder or model.pt) "
+        "instead of --init's: a pretrained start, as SBP's published recipe has",
+    )
     t.add_argument(
         "--no-train-clip",
         dest="train_clip",
@@ -539,6 +547,7 @@ def _settings(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
         "kl_warmup": list(kl_warmup),
         "lr_decay_start": lr_decay_start,
         "init": init,
+        "init_from": None if args.init_from is None else str(args.init_from.resolve()),
         "layer": layer,
         "seed": args.seed,
         "val_size": args.val_size,
@@ -654,8 +663,9 @@ class Job:
         # Built before the data is read, so that bad layer options fail first; loading the
         # data draws nothing from torch's RNG, so the initial weights depend on the seed only.
         torch.manual_seed(args.seed)
+        pretrained = None if args.init_from is None else load_pretrained(args.init_from)
         self.net = build_net(
-            args.model, args.method, self.settings["init"], **self.settings["layer"]
+            args.model, args.method, self.settings["init"], pretrained, **self.settings["layer"]
         )
         data = _load_data(args.data_dir)
         self.train_split, self.val = hold_out(data["train"], args.val_size, args.seed)

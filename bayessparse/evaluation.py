@@ -67,6 +67,30 @@ def load_run(folder: str | Path) -> tuple[dict[str, Any], nn.Module]:
     return settings, net.eval()
 
 
+def load_pretrained(path: str | Path) -> dict[str, Tensor]:
+    """The weights saved by a finished run (its folder or its ``model.pt``), for
+    :func:`~bayessparse.recipes.build_net`'s ``pretrained``.
+
+    Raises:
+        RunError: no such file, or not a saved ``state_dict``.
+    """
+    path = Path(path)
+    file = path / MODEL if path.is_dir() else path
+    if not file.is_file():
+        missing = f"holds no {MODEL}" if path.is_dir() else "does not exist"
+        raise RunError(
+            f"--init-from {path} {missing}; give a finished 'train --method dense' run "
+            f"folder or its {MODEL}"
+        )
+    try:
+        state = torch.load(file, weights_only=True, map_location="cpu")
+    except Exception as err:  # torch raises pickle, zip and runtime errors alike
+        raise RunError(f"--init-from {file}: not a saved state_dict ({err})") from None
+    if not isinstance(state, dict):
+        raise RunError(f"--init-from {file}: holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
 def selection_of(settings: dict[str, Any]) -> dict[str, Any]:
     """The mask selection a run was reported with (``{}``: each layer's own rule)."""
     return {

@@ -12,11 +12,11 @@ from __future__ import annotations
 import inspect
 import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from bayessparse.convert import METHODS, sparse_modules, to_sparse_
 from bayessparse.masks import sparsity_report
@@ -203,7 +203,13 @@ def weighted_layers(net: nn.Module) -> list[str]:
     return [name for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def build_net(model: str, method: str, init: str = "paper", **layer_options: Any) -> nn.Module:
+def build_net(
+    model: str,
+    method: str,
+    init: str = "paper",
+    pretrained: Mapping[str, Tensor] | None = None,
+    **layer_options: Any,
+) -> nn.Module:
     """A reference network with its layers made sparse (plain for ``method="dense"``).
 
     A list value in ``layer_options`` gives one value per layer, in order (e.g.
@@ -217,6 +223,14 @@ def build_net(model: str, method: str, init: str = "paper", **layer_options: Any
     - ``"normal"``: N(0, 0.01²) everywhere;
     - ``"he"``: He-normal, N(0, 2 / fan_in), what the official L0 code uses;
     - ``"torch"``: torch's default initialisation.
+
+    ``pretrained``, the ``state_dict`` of a dense ``model`` (e.g. a ``method="dense"`` run's
+    ``model.pt``), replaces those weights before the layers are made sparse: the
+    posteriors' means start there (SBP's published recipe starts from a pretrained net).
+
+    Raises:
+        ValueError: an unknown ``init``, bad layer options, or a ``pretrained`` state that
+            is not a dense ``model``'s.
     """
     if init not in INITS:
         raise ValueError(f"Unknown init {init!r}. Choose one of {INITS}.")
@@ -232,6 +246,8 @@ def build_net(model: str, method: str, init: str = "paper", **layer_options: Any
                     nn.init.normal_(module.weight, 0.0, 0.01)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
+    if pretrained is not None:
+        _load_dense(net, model, pretrained)
     names = weighted_layers(net)
     check_layer_options(method, layer_options, len(names))
     if method == DENSE:
@@ -240,6 +256,20 @@ def build_net(model: str, method: str, init: str = "paper", **layer_options: Any
         options = {k: v[i] if isinstance(v, list) else v for k, v in layer_options.items()}
         to_sparse_(net, method, include=_named(layer_name), **options)
     return net
+
+
+def _load_dense(net: nn.Module, model: str, state: Mapping[str, Tensor]) -> None:
+    expected = net.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}
+    wanted = {k: tuple(v.shape) for k, v in expected.items()}
+    if shapes != wanted:
+        differ = sorted(set(shapes.items()) ^ set(wanted.items()))[:3]
+        raise ValueError(
+            f"the pretrained weights are not those of a dense {model} (first differences, "
+            f"name and shape: {differ}); give the model.pt of a 'train --model {model} "
+            "--method dense' run"
+        )
+    net.load_state_dict(state)
 
 
 def _named(wanted: str) -> Callable[[str, nn.Module], bool]:

@@ -460,6 +460,30 @@ def test_evaluate_writes_sweep_metrics_ood_plots_and_the_exported_model(tmp_path
     }
 
 
+def test_a_run_starts_from_a_dense_runs_weights_and_refuses_other_starts(tmp_path, mnist):
+    dense = tmp_path / "dense"
+    assert cli("--method", "dense", "--epochs", "1", "--out", dense, data=mnist).returncode == 0
+    run = tmp_path / "sbp"
+    result = cli(
+        "--method", "sbp", "--epochs", "1", "--init-from", dense, "--out", run, data=mnist
+    )
+    assert result.returncode == 0, result.stderr
+    assert f'init_from = "{dense.resolve()}"' in (run / "config.toml").read_text()
+    again = cli("--config", run, "--out", tmp_path / "again", data=mnist)  # config reproduces
+    assert again.returncode == 0, again.stderr
+    assert torch.equal(
+        torch.load(run / "model.pt")["1.weight"],
+        torch.load(tmp_path / "again" / "model.pt")["1.weight"],
+    )
+    assert_user_error(
+        cli("--method", "sbp", "--init-from", tmp_path / "none", data=mnist), "none does not exist"
+    )
+    assert_user_error(
+        cli("--method", "l0", "--init-from", run / "model.pt", data=mnist),
+        "not those of a dense lenet300",
+    )
+
+
 def test_evaluate_refuses_an_unfinished_run_and_train_a_too_large_validation_set(tmp_path, mnist):
     (tmp_path / "empty").mkdir()
     result = subprocess.run(

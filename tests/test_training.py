@@ -226,6 +226,23 @@ def test_paper_init_is_what_the_official_code_runs():
         build_net("lenet5", "sparse_vd", "bogus")
 
 
+@pytest.mark.parametrize("method", ["sbp", "sparse_vd", "horseshoe"])
+def test_pretrained_start_puts_the_dense_weights_in_the_posterior_means(method):
+    dense = build_net("lenet5", "dense", "torch").state_dict()
+    net = build_net("lenet5", method, "paper", pretrained=dense)
+    for name, layer in bs.sparse_modules(net):
+        assert torch.equal(layer.weight, dense[f"{name}.weight"])
+        assert torch.equal(layer.bias, dense[f"{name}.bias"])
+
+
+def test_pretrained_start_refuses_another_networks_weights():
+    with pytest.raises(ValueError, match="not those of a dense lenet5.*--method dense"):
+        build_net("lenet5", "sbp", pretrained=build_net("lenet300", "dense").state_dict())
+    bayesian = build_net("lenet5", "sparse_vd").state_dict()  # a posterior, not a dense net
+    with pytest.raises(ValueError, match="log_sigma2"):
+        build_net("lenet5", "sbp", pretrained=bayesian)
+
+
 def test_l0_training_keeps_exactly_the_informative_inputs():
     x, y = toy_problem()
     torch.manual_seed(0)

@@ -197,6 +197,7 @@ RUN_KEYS = (
     "kl_warmup",
     "lr_decay_start",
     "init",
+    "init_from",
     "seed",
     "val_size",
     "data_dir",
