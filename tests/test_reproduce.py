@@ -66,6 +66,21 @@ def test_finished_runs_are_evaluated_once_and_not_run_again(reproduce, monkeypat
     assert evaluate[:2] == ["evaluate", str(reproduce.run_folder("gnj-5", 1))]
 
 
+def test_a_row_with_a_start_trains_from_its_start_rows_run_of_the_same_seed(
+    reproduce, monkeypatch
+):
+    calls = []
+    monkeypatch.setattr(reproduce, "cli_main", lambda argv: calls.append(argv) or 0)
+    reproduce.run("sbp-5-pretrained", 1, threads=1)
+    start = str(reproduce.run_folder("dense5", 1))
+    assert [argv[0] for argv in calls] == ["train", "evaluate", "train", "evaluate"]
+    assert calls[0][:5] == ["train", "--model", "lenet5", "--method", "dense"]
+    assert calls[1][1] == start
+    assert calls[2][calls[2].index("--init-from") + 1] == start
+    _report(reproduce.run_folder("sbp-5-pretrained", 1), 0.009, 5.0, "3-18-284-283")
+    assert "--init-from (dense5 run)` | 1 |" in reproduce.table()
+
+
 def test_failed_training_is_not_evaluated(reproduce, monkeypatch):
     calls = []
     monkeypatch.setattr(reproduce, "cli_main", lambda argv: calls.append(argv) or 1)
