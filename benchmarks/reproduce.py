@@ -61,6 +61,16 @@ ROWS: dict[str, Row] = {
         "--model lenet5 --method horseshoe --layer scale_draws=example",
         "BC-GHS 1.0 %, 5-10-76-16",
     ),
+    "ghs-5-tau0": Row(  # the BC paper's small global scale, tau0 = 1e-5
+        "--model lenet5 --method horseshoe --layer global_scale_prior=1e-5",
+        "BC-GHS 1.0 %, 5-10-76-16",
+    ),
+    "ghs-5-pretrained": Row(
+        "--model lenet5 --method horseshoe", "BC-GHS 1.0 %, 5-10-76-16", start="dense5"
+    ),
+    "gnj-5-pretrained": Row(
+        "--model lenet5 --method group_nj", "BC-GNJ 1.0 %, 8-13-88-13", start="dense5"
+    ),
     "l0shared-5": Row("--model lenet5 --method l0 --layer l0_lambda=1", "L0 0.9 %, 20-25-45-462"),
     # SBP from a 30-epoch KL-off start (the recipe's first phase, in place of the paper's
     # pretrained net), then the paper's 200 epochs, the lr decaying over the last 100.
