@@ -119,6 +119,13 @@ def _number(kind: type, low: float, high: float = math.inf) -> Callable[[str], A
     return parse
 
 
+def _decay(text: str) -> float:
+    value = _number(float, 0.0, 1.0)(text)
+    if value in (0.0, 1.0):
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = _number(float, 0.0)(text)
     if value == 0:
@@ -228,6 +235,13 @@ def _add_train_parser(sub: Any) -> None:
         help="epoch from which the lr falls linearly to 0 (default: the recipe's, scaled)",
     )
     t.add_argument("--init", choices=INITS, help="initial weights (default: the recipe's)")
+    t.add_argument(
+        "--ema",
+        type=_decay,
+        metavar="DECAY",
+        help="evaluate and keep an exponential moving average of the parameters with this "
+        "decay (the official L0 MLP's: 0.999; default: none)",
+    )
     t.add_argument(
         "--init-from",
         type=_path,
@@ -548,6 +562,7 @@ def _settings(args: argparse.Namespace, notes: list[str]) -> dict[str, Any]:
         "lr_decay_start": lr_decay_start,
         "init": init,
         "init_from": None if args.init_from is None else str(args.init_from.resolve()),
+        "ema": args.ema,
         "layer": layer,
         "seed": args.seed,
         "val_size": args.val_size,
@@ -718,6 +733,7 @@ class Job:
                 on_epoch_end=_print_epoch if lead else None,
                 on_start=self._announce if lead else None,
                 progress=self.args.progress and lead,
+                ema=settings["ema"],
                 callbacks=[
                     Logbook(
                         folder,

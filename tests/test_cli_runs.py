@@ -484,6 +484,16 @@ def test_a_run_starts_from_a_dense_runs_weights_and_refuses_other_starts(tmp_pat
     )
 
 
+def test_parameter_average_is_a_recorded_setting_and_its_decay_is_checked(tmp_path, mnist):
+    run = tmp_path / "l0"
+    result = cli("--method", "l0", "--epochs", "1", "--ema", "0.999", "--out", run, data=mnist)
+    assert result.returncode == 0, result.stderr
+    assert "ema = 0.999" in (run / "config.toml").read_text()
+    assert json.loads((run / "report.json").read_text())["settings"]["ema"] == 0.999
+    result = cli("--ema", "1", data=mnist)
+    assert result.returncode == 2 and "expected a number in (0, 1), got '1'" in result.stderr
+
+
 def test_evaluate_refuses_an_unfinished_run_and_train_a_too_large_validation_set(tmp_path, mnist):
     (tmp_path / "empty").mkdir()
     result = subprocess.run(

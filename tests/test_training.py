@@ -18,6 +18,7 @@ from torch import nn
 import bayessparse as bs
 from bayessparse.cli import main
 from bayessparse.infer import linear_decay, linear_warmup
+from bayessparse.metrics import error_rate, predict_logits
 from bayessparse.recipes import build_net
 from bayessparse.training import (
     CheckpointError,
@@ -108,6 +109,49 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
         straight.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+def test_parameter_average_is_the_exponential_average_of_every_steps_parameters():
+    x, y = toy_problem()
+    net = toy_net()
+    average = [p.detach().clone() for p in net.parameters()]
+    decay = 0.9
+
+    def follow(net, optimizer, step):  # after each step, before the loop's own average
+        for a, p in zip(average, net.parameters(), strict=True):
+            a.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+    history = run(net, x, y, epochs=2, ema=decay, after_step=follow, eval_data=(x, y))
+    for a, p in zip(average, net.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), a)  # the network ends with the average
+    # ... and each epoch was evaluated with the average in place.
+    final = error_rate(predict_logits(net.eval(), x), y)
+    assert history.epochs[-1]["test_error"] == pytest.approx(final)
+    with pytest.raises(ValueError, match="decay in \\(0, 1\\), got 1.5"):
+        run(toy_net(), x, y, ema=1.5)
+
+
+def test_resumed_training_with_a_parameter_average_equals_uninterrupted_training(tmp_path):
+    x, y = toy_problem()
+    straight = toy_net()
+    run(straight, x, y, epochs=3, ema=0.9)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+
+    def interrupt(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(toy_net(), x, y, epochs=3, ema=0.9, checkpoint=ckpt, on_epoch_end=interrupt)
+    resumed = toy_net(seed=123)
+    history = run(resumed, x, y, epochs=3, ema=0.9, checkpoint=ckpt, resume=True)
+    assert history.completed == 3
+    for (name, a), b in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    with pytest.raises(CheckpointError, match="ema"):  # the average is part of the run
+        run(toy_net(), x, y, epochs=4, ema=0.5, checkpoint=ckpt, resume=True)
 
 
 def test_existing_checkpoint_is_never_overwritten_without_resume(tmp_path):

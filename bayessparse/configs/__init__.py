@@ -198,6 +198,7 @@ RUN_KEYS = (
     "lr_decay_start",
     "init",
     "init_from",
+    "ema",
     "seed",
     "val_size",
     "data_dir",

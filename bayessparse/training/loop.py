@@ -6,7 +6,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from bayessparse.infer import linear_decay, linear_warmup
 from bayessparse.masks import sparsity_report
 from bayessparse.metrics import error_rate, predict_logits
 from bayessparse.training.allocator import keep_freed_memory
+from bayessparse.training.averaging import ParameterAverage, check_decay
 from bayessparse.training.data import (
     DatasetData,
     TensorData,
@@ -320,6 +321,7 @@ class _Trainer:
         settings: dict[str, Any],
         objective: Objective,
         callbacks: Sequence[Callback] = (),
+        ema: float | None = None,
     ) -> None:
         self.net, self.data, self.device = net, data, _device(net)
         self.parallel = DataParallel.current(self.device)
@@ -333,6 +335,7 @@ class _Trainer:
         self.earlier_wall = 0.0  # seconds of the sessions before this one
         self.kl_weight, self.lr_factor = 0.0, 1.0  # of the current step
         self.checkpoint: Path | None = None
+        self.average = None if ema is None else ParameterAverage(net, ema)
 
     def restore(self, path: Path, state: dict[str, Any]) -> None:
         if state.get("version") != CHECKPOINT_VERSION:
@@ -353,6 +356,8 @@ class _Trainer:
             self._set_rng_state(state["rank_rngs"][self.parallel.rank])
         else:
             self._set_rng_state([state["rng"], *state.get("device_rng", [])])
+        if self.average is not None:
+            self.average.load_state_dict(state["average"])
         self.history.epochs = state["history"]
         self.history.sessions = state["sessions"]
         self.earlier_wall = state["wall_seconds"]
@@ -371,6 +376,8 @@ class _Trainer:
             "sessions": self.history.sessions,
             "wall_seconds": self.wall_seconds(),
         }
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
         if self.parallel is None:
             save_checkpoint(state, path)
             return
@@ -438,6 +445,8 @@ class _Trainer:
                 loss = self.objective.step(x, y, self.kl_weight, self.lr_factor)
             self._check_step(loss, epoch, i, x)
             self.after_step(epoch * num_batches + i)
+            if self.average is not None:
+                self.average.update()
             data_term, complexity = self.objective.last_terms
             data_sum += data_term
             kl_sum += complexity
@@ -510,6 +519,7 @@ def train(
     optimizer: str = "adam",
     after_step: AfterStep | None = None,
     callbacks: Sequence[Callback] = (),
+    ema: float | None = None,
 ) -> History:
     """Train a classifier, one epoch at a time: a Bayesian sparse one by SVI
     (``Trace_ELBO``, Adam), a plain one by Adam on the cross-entropy (plus a penalty).
@@ -567,6 +577,9 @@ def train(
             from the run's start (e.g. a pruning schedule, or a proximal update).
         callbacks: further :class:`Callback` objects, called after the shorthands above
             in the order given.
+        ema: keep an exponential moving average of the parameters with this decay (e.g.
+            0.999, the official L0 MLP's): the epochs' evaluations and callbacks see the
+            averaged parameters, and the network ends with them.
 
     The run draws its random numbers (batch noise, dropout) from its own stream, seeded
     by ``seed`` and saved in checkpoints: the caller's global torch RNG is left as it was.
@@ -583,6 +596,7 @@ def train(
         ValueError, TypeError: bad options or data (before any training).
     """
     _check_numbers(epochs, batch_size, lr, seed)
+    ema = check_decay(ema)
     keep_freed_memory()  # large tensors reused, not faulted in afresh every step
     data = _training_data(net, images, labels)
     chosen = make_objective(objective, net, len(data), float(lr), penalty, teacher, optimizer)
@@ -599,6 +613,7 @@ def train(
         "seed": seed,
         "training_data": data.fingerprint(),
         "objective": type(chosen).__name__,
+        **({"ema": ema} if ema is not None else {}),
         **({"teacher": _teacher_settings(teacher)} if teacher is not None else {}),
     }
     trainer = _Trainer(
@@ -611,6 +626,7 @@ def train(
         seed=seed,
         settings=settings,
         objective=chosen,
+        ema=ema,
         callbacks=[
             *([Evaluate(*eval_data)] if eval_data is not None else []),
             Hooks(on_start, on_epoch_end, after_step),
@@ -705,8 +721,9 @@ def _fit_epochs(trainer: _Trainer, path: Path | None, progress: bool | None) -> 
     )
     for epoch in epoch_bar:
         record = trainer.run_epoch(epoch, progress)
-        for callback in trainer.callbacks:
-            callback.on_epoch_end(net, record)
+        with trainer.average.applied() if trainer.average else nullcontext():
+            for callback in trainer.callbacks:
+                callback.on_epoch_end(net, record)
         history.epochs.append(record)
         if path is not None:
             trainer.save(path)
@@ -716,5 +733,7 @@ def _fit_epochs(trainer: _Trainer, path: Path | None, progress: bool | None) -> 
             )
         for callback in trainer.callbacks:
             callback.on_epoch_saved(record)
+    if trainer.average is not None:
+        trainer.average.apply_()
     history.wall_seconds = trainer.wall_seconds()
     return history
