@@ -72,6 +72,11 @@ ROWS: dict[str, Row] = {
         "--model lenet5 --method group_nj", "BC-GNJ 1.0 %, 8-13-88-13", start="dense5"
     ),
     "l0shared-5": Row("--model lenet5 --method l0 --layer l0_lambda=1", "L0 0.9 %, 20-25-45-462"),
+    # The official L0 MLP averages its parameters (beta_ema 0.999); tried on both nets.
+    "l0-300-ema": Row("--model lenet300 --method l0 --ema 0.999", "1.4 %, 219-214-100"),
+    "l0shared-5-ema": Row(
+        "--model lenet5 --method l0 --layer l0_lambda=1 --ema 0.999", "L0 0.9 %, 20-25-45-462"
+    ),
     # SBP from a 30-epoch KL-off start (the recipe's first phase, in place of the paper's
     # pretrained net), then the paper's 200 epochs, the lr decaying over the last 100.
     "sbp-5": Row(
