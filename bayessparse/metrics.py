@@ -393,7 +393,9 @@ def flops(
             weight counts where its mask is true. Layers without a mask count the
             non-zeros of their ``weight``, which covers nets pruned with
             ``torch.nn.utils.prune`` and baked ones. A Bayesian sparse layer's ``weight``
-            is its posterior mean, so pass its masks explicitly.
+            is its posterior mean, so pass its masks explicitly. Bias masks (which
+            ``bayessparse.masks`` gives the layers that prune whole units) are ignored:
+            biases are not counted.
         keep_probs: ``{"<layer>.weight": probability}`` with the same keys, values in
             [0, 1] broadcastable to the weight: the chance each weight is kept, e.g. a
             layer's ``keep_prob()``. Layers without one keep their weights surely.
@@ -469,6 +471,8 @@ def _by_layer(
     """``values`` re-keyed by layer identity, checked against the layers' weight shapes."""
     by_layer: dict[int, Tensor] = {}
     for key, value in (values or {}).items():
+        if key.endswith(".bias") and f"{key.removesuffix('.bias')}.weight" in named:
+            continue  # a layer's bias mask (some families prune a unit's bias): no MACs
         _check_key(key, named, f"{what} keyed by a Linear/ConvNd layer's weight")
         weight: Tensor = named[key].weight  # type: ignore[assignment]
         _check_broadcastable(value, weight.shape, f"{what}[{key!r}]")

@@ -494,6 +494,38 @@ def test_parameter_average_is_a_recorded_setting_and_its_decay_is_checked(tmp_pa
     assert result.returncode == 2 and "expected a number in (0, 1), got '1'" in result.stderr
 
 
+@pytest.mark.parametrize("method", ["l0", "group_nj", "horseshoe", "spike_slab", "sbp", "dense"])
+def test_evaluate_takes_every_methods_run(tmp_path, mnist, method):
+    run = tmp_path / method  # LeNet-5: its convolutions prune whole channels, bias included
+    result = cli(
+        "--model", "lenet5", "--method", method, "--epochs", "1", "--out", run, data=mnist
+    )
+    assert result.returncode == 0, result.stderr
+    evaluate = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bayessparse",
+            "evaluate",
+            str(run),
+            "--no-plots",
+            "--threads",
+            "1",
+            "--num-samples",
+            "2",
+            "--ood-size",
+            "50",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr
+    export = json.loads((run / "evaluation.json").read_text())["export"]
+    assert 0 < export["flops"]["nonzero"] <= export["dense_flops"]
+
+
 def test_evaluate_refuses_an_unfinished_run_and_train_a_too_large_validation_set(tmp_path, mnist):
     (tmp_path / "empty").mkdir()
     result = subprocess.run(

@@ -388,6 +388,16 @@ def test_flops_of_a_layer_under_two_names():
     assert flops(net, x, masks={"2.weight": mask})["nonzero"] == 2 * 4
 
 
+def test_flops_ignore_the_bias_masks_of_unit_pruning():
+    net = nn.Sequential(nn.Linear(4, 3))
+    x = torch.randn(1, 4)
+    closed = torch.tensor([[True], [False], [True]]).expand(3, 4)  # unit 1 is pruned
+    masks = {"0.weight": closed, "0.bias": torch.tensor([True, False, True])}
+    assert flops(net, x, masks=masks)["nonzero"] == 8
+    with pytest.raises(ValueError, match="keyed"):  # a bias without its layer is an error
+        flops(net, x, masks={"1.bias": torch.ones(3)})
+
+
 @pytest.mark.parametrize(
     ("masks", "keep_probs", "match"),
     [
