@@ -98,7 +98,12 @@ def export(
     module, compacted = _deterministic(net, selection, compact_units)
     module.eval()
     # A batch of one would specialise the traced graph to batch size 1: trace with two.
-    traced = tuple(torch.cat([a, a]) if _batch_of_one(a) else a for a in args)
+    # The program keeps its example inputs: copies, so that a slice of a data set does
+    # not save the whole set's storage with it.
+    traced = tuple(
+        torch.cat([a, a]) if _batch_of_one(a) else a.clone() if isinstance(a, Tensor) else a
+        for a in args
+    )
     program = torch.export.export(module, traced, dynamic_shapes=_dynamic_batch(traced))
     buffer = _save_bytes(program)
     path = Path(path)

@@ -57,6 +57,13 @@ def test_exported_lenet5_runs_and_matches_where_bayessparse_cannot_be_imported(t
     assert float(result.stdout) < 1e-5
 
 
+def test_the_file_does_not_carry_the_data_set_its_example_was_sliced_from(tmp_path):
+    images = torch.randn(2000, 1, 28, 28)  # 6.3 MB; the example is 2 of them
+    done = export(pruned_lenet5(), tmp_path / "lenet5.pt2", images[:2])
+    weights = 4 * done.parameters
+    assert (tmp_path / "lenet5.pt2").stat().st_size < weights + 1_000_000
+
+
 def test_example_input_that_does_not_fit_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"example input \[\(2, 3, 28, 28\)\] does not fit"):
         export(pruned_lenet5(), tmp_path / "x.pt2", torch.randn(2, 3, 28, 28))
