@@ -47,6 +47,16 @@ def cli(*args: str | Path, data: Path | None = None, cwd: Path = REPO, **kw):
     )
 
 
+def evaluate_cli(run: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bayessparse", "evaluate", str(run), "--threads", "1", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def assert_user_error(result, *fragments: str) -> str:
     """Exit code 2, a single line on stderr that contains every fragment, no traceback."""
     assert result.returncode == 2, (result.returncode, result.stderr)
@@ -416,25 +426,7 @@ def test_evaluate_writes_sweep_metrics_ood_plots_and_the_exported_model(tmp_path
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert "prune the 90.00% of weights" in report["selection"]
-    evaluate = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bayessparse",
-            "evaluate",
-            str(out),
-            "--ood-size",
-            "100",
-            "--num-samples",
-            "3",
-            "--threads",
-            "1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    evaluate = evaluate_cli(out, "--ood-size", "100", "--num-samples", "3")
     assert evaluate.returncode == 0, evaluate.stderr
     assert "OOD AUROC, monte_carlo, inverted" in evaluate.stdout
     assert "CPU speed-up over the dense net: " in evaluate.stdout
@@ -501,26 +493,7 @@ def test_evaluate_takes_every_methods_run(tmp_path, mnist, method):
         "--model", "lenet5", "--method", method, "--epochs", "1", "--out", run, data=mnist
     )
     assert result.returncode == 0, result.stderr
-    evaluate = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bayessparse",
-            "evaluate",
-            str(run),
-            "--no-plots",
-            "--threads",
-            "1",
-            "--num-samples",
-            "2",
-            "--ood-size",
-            "50",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    evaluate = evaluate_cli(run, "--no-plots", "--num-samples", "2", "--ood-size", "50")
     assert evaluate.returncode == 0, evaluate.stderr
     export = json.loads((run / "evaluation.json").read_text())["export"]
     assert 0 < export["flops"]["nonzero"] <= export["dense_flops"]
@@ -528,14 +501,7 @@ def test_evaluate_takes_every_methods_run(tmp_path, mnist, method):
 
 def test_evaluate_refuses_an_unfinished_run_and_train_a_too_large_validation_set(tmp_path, mnist):
     (tmp_path / "empty").mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "bayessparse", "evaluate", str(tmp_path / "empty")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert_user_error(result, "not a finished run", "--resume --out")
+    assert_user_error(evaluate_cli(tmp_path / "empty"), "not a finished run", "--resume --out")
     assert_user_error(
         cli("--val-size", "600", "--out", tmp_path / "r", data=mnist),
         "validation size in [0, 599]",
