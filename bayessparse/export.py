@@ -97,13 +97,7 @@ def export(
         net.train(was_training)
     module, compacted = _deterministic(net, selection, compact_units)
     module.eval()
-    # A batch of one would specialise the traced graph to batch size 1: trace with two.
-    # The program keeps its example inputs: copies, so that a slice of a data set does
-    # not save the whole set's storage with it.
-    traced = tuple(
-        torch.cat([a, a]) if _batch_of_one(a) else a.clone() if isinstance(a, Tensor) else a
-        for a in args
-    )
+    traced = tuple(_traced_example(a) for a in args)
     program = torch.export.export(module, traced, dynamic_shapes=_dynamic_batch(traced))
     buffer = _save_bytes(program)
     path = Path(path)
@@ -127,8 +121,13 @@ def _deterministic(
     return to_dense(net, **selection, bake=True), False
 
 
-def _batch_of_one(a: Any) -> bool:
-    return isinstance(a, Tensor) and a.dim() > 0 and a.shape[0] == 1
+def _traced_example(a: Any) -> Any:
+    """An example argument for tracing: a copy, since the program keeps its example inputs
+    (a slice of a data set would save the whole set's storage with it); a batch of one is
+    doubled, as it would specialise the traced graph to batch size 1."""
+    if not isinstance(a, Tensor):
+        return a
+    return torch.cat([a, a]) if a.dim() > 0 and a.shape[0] == 1 else a.clone()
 
 
 def _dynamic_batch(args: tuple[Any, ...]) -> tuple[Any, ...] | None:

@@ -93,12 +93,12 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # Structured Bayesian Pruning (Neklyudov et al. 2017, their code): 200 epochs from a
     # dense net pretrained for 200, Adam 1e-3 (their beta1 is 0.95; ours is torch's 0.9),
     # the lr linear to 0 over the last 100, kl weight 1, Glorot convolutions and N(0, 0.01²)
-    # dense weights ("paper"). Their start is a pretrained net (``--init-from`` a dense
-    # run, 200 epochs, as benchmarks/reproduce.py's sbp-5-pretrained); without one, the
-    # pretraining is the run's first half with the KL off: the noise starts near the
-    # identity (log sigma = -5, E[theta] = 0.995), so that half trains the weights as a
-    # dense net does, but its lr does not decay, and mu and sigma move with the data
-    # before the KL switches on.
+    # dense weights ("paper"). Their start is a pretrained dense net (``--init-from``;
+    # benchmarks/reproduce.py's sbp-5-pretrained starts from the dense LeNet-5 recipe's 15
+    # epochs); without one, the pretraining is the run's first half with the KL off: the
+    # noise starts near the identity (log sigma = -5, E[theta] = 0.995), so that half
+    # trains the weights as a dense net does, but its lr does not decay, and mu and sigma
+    # move with the data before the KL switches on.
     ("lenet300", "sbp"): Recipe(400, (200.0, 200.0), lr_decay_start=300.0, init="paper"),
     ("lenet5", "sbp"): Recipe(400, (200.0, 200.0), lr_decay_start=300.0, init="paper"),
     # The dense baselines, with the sparse-VD recipes' budgets (epochs, Adam 1e-3, lr
@@ -261,9 +261,8 @@ def build_net(
 
 
 def _load_dense(net: nn.Module, model: str, state: Mapping[str, Tensor]) -> None:
-    expected = net.state_dict()
     shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}
-    wanted = {k: tuple(v.shape) for k, v in expected.items()}
+    wanted = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     if shapes != wanted:
         differ = sorted(set(shapes.items()) ^ set(wanted.items()))[:3]
         raise ValueError(

@@ -59,7 +59,7 @@ class ParameterAverage:
         _copy_(self.params, self.average)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "average": self.average}
+        return {"average": self.average}  # the decay is a setting, checked on resume
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _copy_(self.average, state["average"])
