@@ -4,6 +4,8 @@ By default the network is LeNet-5-Caffe with L0 gates closed down to a given arc
 (``--arch``, default the BC-GHS 5-10-76-16); ``--run DIR`` uses a trained run of
 ``python -m bayessparse train --model lenet5 --method ...`` instead. Dense and compacted
 forward passes are interleaved at batch 1 and batch 100 and the median times printed.
+Both nets pool as the exported one does (``BlockMaxPool``; ``--torch-pools``: torch's
+``nn.MaxPool2d``, whose CPU kernel is several times slower).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 import bayessparse as bs
+from bayessparse.compaction import block_max_pools_
 from bayessparse.metrics import flops
 from bayessparse.models import LeNet5Caffe
 from bayessparse.recipes import build_net, kept_architecture
@@ -56,6 +59,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, help="a trained lenet5 run directory")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--torch-pools", action="store_true", help="keep nn.MaxPool2d")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -63,6 +67,8 @@ def main() -> None:
     net.eval()
     dense = bs.to_dense(net, bake=True).eval()
     small = bs.compact(net).eval()
+    if not args.torch_pools:
+        dense, small = block_max_pools_(dense), block_max_pools_(small)
     example = torch.randn(100, 1, 28, 28)
     assert torch.allclose(small(example), dense(example), atol=1e-4, rtol=1e-4)
     f_dense, f_small = flops(dense, example), flops(small, example)

@@ -9,6 +9,10 @@ Two entry points:
   sparse layers with :func:`~bayessparse.to_dense` (the same selection arguments) and
   compacts the result.
 
+:func:`block_max_pools_` (:mod:`bayessparse.compaction.pooling`) then swaps max-pools over
+non-overlapping windows for :class:`BlockMaxPool`, the same values computed several times
+faster on CPU; :func:`~bayessparse.export` does it on the network it writes.
+
 The torch-only part imports neither Pyro nor the Bayesian layers
 (``tests/test_architecture.py``). Its contract: the compacted network's eval-mode output
 equals the masked network's (float64 to 1e-10, float32 to 1e-5), it has fewer weights,
@@ -39,10 +43,11 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from bayessparse.compaction.pooling import BlockMaxPool, block_max_pools_
 from bayessparse.compaction.pruned import Select, compact_pruned
 from bayessparse.masks import to_dense
 
-__all__ = ["Select", "compact", "compact_pruned"]
+__all__ = ["BlockMaxPool", "Select", "block_max_pools_", "compact", "compact_pruned"]
 
 
 def compact(
