@@ -440,12 +440,27 @@ def flops(
 
 
 @torch.no_grad()
-def speedup(dense: nn.Module, small: nn.Module, batch: Tensor, reps: int = TIMING_REPS) -> float:
+def speedup(
+    dense: nn.Module,
+    small: nn.Module,
+    batch: Tensor,
+    reps: int = TIMING_REPS,
+    *,
+    seconds: float | None = None,
+) -> float:
     """Median forward time of ``dense`` over that of ``small`` on ``batch``.
 
     The two are timed alternately, after one warm-up call each, so that a change in the
-    machine's load hits both alike.
+    machine's load hits both alike: ``reps`` calls each, or with ``seconds`` as many as
+    fit in about that time (at least ``reps``), for a steadier median on a busy machine.
     """
+    if seconds is not None:  # after a warm-up pair, a timed pair sets the count
+        dense(batch)
+        small(batch)
+        start = time.perf_counter()
+        dense(batch)
+        small(batch)
+        reps = max(reps, int(seconds / max(time.perf_counter() - start, 1e-9)))
     times: dict[int, list[float]] = {id(dense): [], id(small): []}
     for rep in range(reps + 1):
         for net in (dense, small):

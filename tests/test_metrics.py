@@ -3,6 +3,7 @@ from __future__ import annotations
 import ast
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -494,3 +495,24 @@ def test_speedup_of_a_net_over_itself_is_near_one():
     net = nn.Sequential(nn.Linear(64, 64))
     ratio = metrics_module.speedup(net, net, torch.randn(100, 64), reps=21)
     assert 0.2 < ratio < 5  # same work; the bounds only catch a swapped or broken ratio
+
+
+class Counted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        time.sleep(0.002)
+        return x
+
+
+def test_speedup_with_seconds_times_as_many_calls_as_fit_and_never_fewer_than_reps():
+    dense, small = Counted(), Counted()
+    metrics_module.speedup(dense, small, torch.zeros(1), reps=3, seconds=0.2)
+    # 0.2 s over pairs of at least 4 ms: at most 50 timed pairs, plus the warm-ups.
+    assert 10 < dense.calls == small.calls <= 50 + 3
+    slow, quick = Counted(), Counted()
+    metrics_module.speedup(slow, quick, torch.zeros(1), reps=7, seconds=1e-6)
+    assert slow.calls == 7 + 3  # the warm-up, the counting pair, 7 timed
