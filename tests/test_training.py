@@ -111,24 +111,40 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
         assert torch.equal(a, b), name
 
 
-def test_parameter_average_is_the_exponential_average_of_every_steps_parameters():
+def test_parameter_average_is_the_bias_corrected_exponential_average_of_the_steps():
     x, y = toy_problem()
     net = toy_net()
-    average = [p.detach().clone() for p in net.parameters()]
-    decay = 0.9
+    moment = [torch.zeros_like(p) for p in net.parameters()]  # Adam's form: from zero
+    decay, steps = 0.9, []
 
     def follow(net, optimizer, step):  # after each step, before the loop's own average
-        for a, p in zip(average, net.parameters(), strict=True):
-            a.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        steps.append(step)
+        for m, p in zip(moment, net.parameters(), strict=True):
+            m.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
     history = run(net, x, y, epochs=2, ema=decay, after_step=follow, eval_data=(x, y))
-    for a, p in zip(average, net.parameters(), strict=True):
-        torch.testing.assert_close(p.detach(), a)  # the network ends with the average
+    correction = 1 - decay ** len(steps)
+    for m, p in zip(moment, net.parameters(), strict=True):
+        torch.testing.assert_close(p.detach(), m / correction)  # the net ends averaged
     # ... and each epoch was evaluated with the average in place.
     final = error_rate(predict_logits(net.eval(), x), y)
     assert history.epochs[-1]["test_error"] == pytest.approx(final)
     with pytest.raises(ValueError, match="decay in \\(0, 1\\), got 1.5"):
         run(toy_net(), x, y, ema=1.5)
+
+
+def test_after_one_step_the_average_is_that_steps_parameters_not_the_initial_ones():
+    x, y = toy_problem()
+    net, stepped = toy_net(), []
+    initial = [p.detach().clone() for p in net.parameters()]
+
+    def keep(net, optimizer, step):
+        stepped.extend(p.detach().clone() for p in net.parameters())
+
+    run(net, x, y, epochs=1, batch_size=len(x), ema=0.999, after_step=keep)
+    for p, s in zip(net.parameters(), stepped, strict=True):
+        torch.testing.assert_close(p.detach(), s)
+    assert not all(torch.equal(p, i) for p, i in zip(net.parameters(), initial, strict=True))
 
 
 def test_resumed_training_with_a_parameter_average_equals_uninterrupted_training(tmp_path):

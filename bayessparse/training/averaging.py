@@ -27,22 +27,28 @@ def check_decay(decay: Any) -> float | None:
 
 
 class ParameterAverage:
-    """``average ← decay · average + (1 − decay) · parameter`` after every step.
+    """The exponential average of the parameters after each step, bias-corrected as the
+    official L0 code's (and Adam's moments): after step ``t``,
+    ``sum_i (1 − decay) · decay^(t−i) · parameter_i / (1 − decay^t)``.
 
-    The average starts at the parameters' values when it is made (as
-    :class:`torch.optim.swa_utils.AveragedModel` does on its first update), so it needs
-    no bias correction. Buffers (e.g. pruning masks) are not averaged: they are the
-    network's.
+    The initial parameters carry no weight, so a short run's average is of its trained
+    parameters, not mostly of its initialisation (an average started at the initial
+    values keeps ``decay^t`` of them: 79 % after 24 steps at 0.99). Computed as a running
+    average whose step ``t`` moves ``(1 − decay) / (1 − decay^t)`` of the way to the
+    parameters. Buffers (e.g. pruning masks) are not averaged: they are the network's.
     """
 
     def __init__(self, net: nn.Module, decay: float) -> None:
         self.decay = decay
         self.params = list(net.parameters())
         self.average = [p.detach().clone() for p in self.params]
+        self.steps = 0
 
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+        self.steps += 1
+        weight = (1.0 - self.decay) / (1.0 - self.decay**self.steps)
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], weight)
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -59,10 +65,11 @@ class ParameterAverage:
         _copy_(self.params, self.average)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"average": self.average}  # the decay is a setting, checked on resume
+        return {"average": self.average, "steps": self.steps}  # decay: a checked setting
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         _copy_(self.average, state["average"])
+        self.steps = state["steps"]
 
 
 @torch.no_grad()
