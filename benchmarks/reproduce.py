@@ -100,17 +100,26 @@ def run_folder(name: str, seed: int) -> Path:
     return RESULTS / f"{name}-s{seed}"
 
 
-def run(name: str, seed: int, threads: int) -> int:
-    """Train (or continue) one (row, seed), then evaluate it once; returns the exit code."""
+def run(name: str, seed: int, threads: int, weights: bool = False) -> int:
+    """Train (or continue) one (row, seed), then evaluate it once; returns the exit code.
+
+    ``weights``: the run's ``model.pt`` is needed (it starts another row). Weights are not
+    kept in git, so on a fresh checkout a finished start is trained again, same seed.
+    """
     folder, row = run_folder(name, seed), ROWS[name]
-    if not (folder / "report.json").exists():
+    finished = (folder / "report.json").exists()
+    retrain = finished and weights and not (folder / "model.pt").exists()
+    if not finished or retrain:
         argv = ["train", *row.options, "--seed", str(seed), "--out", str(folder)]
         if row.start is not None:
-            code = run(row.start, seed, threads)
+            code = run(row.start, seed, threads, weights=True)
             if code:
                 return code
             argv += ["--init-from", str(run_folder(row.start, seed))]
-        code = cli_main([*argv, "--resume", "--threads", str(threads), "--no-progress"])
+        if retrain:
+            (folder / "evaluation.json").unlink(missing_ok=True)
+        again = "--overwrite" if retrain else "--resume"
+        code = cli_main([*argv, again, "--threads", str(threads), "--no-progress"])
         if code:
             return code
     if (folder / "evaluation.json").exists():

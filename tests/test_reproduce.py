@@ -81,6 +81,26 @@ def test_a_row_with_a_start_trains_from_its_start_rows_run_of_the_same_seed(
     assert "--init-from (dense5 run)` | 1 |" in reproduce.table()
 
 
+def test_a_finished_start_without_its_weights_is_trained_again(reproduce, monkeypatch):
+    # model.pt is not in git: a fresh checkout has the start's report but not its weights.
+    calls = []
+    monkeypatch.setattr(reproduce, "cli_main", lambda argv: calls.append(argv) or 0)
+    start = reproduce.run_folder("dense5", 0)
+    _report(start, 0.0064, 1.0, "dense")
+    (start / "evaluation.json").write_text("{}")
+    reproduce.run("sbp-5-pretrained", 0, threads=1)
+    assert [argv[0] for argv in calls] == ["train", "evaluate", "train", "evaluate"]
+    assert calls[0][:5] == ["train", "--model", "lenet5", "--method", "dense"]
+    assert "--overwrite" in calls[0] and "--resume" not in calls[0]
+    assert calls[1][1] == str(start)  # its old evaluation was of the old weights
+    calls.clear()
+    (start / "model.pt").write_bytes(b"")
+    (start / "evaluation.json").write_text("{}")
+    reproduce.run("sbp-5-pretrained", 0, threads=1)
+    assert [argv[0] for argv in calls] == ["train", "evaluate"]  # only the row itself
+    assert "--resume" in calls[0]
+
+
 def test_failed_training_is_not_evaluated(reproduce, monkeypatch):
     calls = []
     monkeypatch.setattr(reproduce, "cli_main", lambda argv: calls.append(argv) or 1)
