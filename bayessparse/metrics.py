@@ -454,20 +454,22 @@ def speedup(
     machine's load hits both alike: ``reps`` calls each, or with ``seconds`` as many as
     fit in about that time (at least ``reps``), for a steadier median on a busy machine.
     """
-    if seconds is not None:  # after a warm-up pair, a timed pair sets the count
-        dense(batch)
-        small(batch)
-        start = time.perf_counter()
-        dense(batch)
-        small(batch)
-        reps = max(reps, int(seconds / max(time.perf_counter() - start, 1e-9)))
     times: dict[int, list[float]] = {id(dense): [], id(small): []}
-    for rep in range(reps + 1):
+
+    def timed_pair() -> None:
         for net in (dense, small):
             start = time.perf_counter()
             net(batch)
-            if rep:
-                times[id(net)].append(time.perf_counter() - start)
+            times[id(net)].append(time.perf_counter() - start)
+
+    timed_pair()  # the warm-up, not counted
+    for kept in times.values():
+        kept.clear()
+    timed_pair()
+    if seconds is not None:  # the first timed pair sets the count
+        reps = max(reps, int(seconds / max(times[id(dense)][0] + times[id(small)][0], 1e-9)))
+    while len(times[id(dense)]) < reps:
+        timed_pair()
     return statistics.median(times[id(dense)]) / statistics.median(times[id(small)])
 
 

@@ -13,6 +13,7 @@ import itertools
 import json
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -474,6 +475,28 @@ def test_a_run_starts_from_a_dense_runs_weights_and_refuses_other_starts(tmp_pat
         cli("--method", "l0", "--init-from", run / "model.pt", data=mnist),
         "not those of a dense lenet300",
     )
+
+
+def test_a_moved_run_folder_resumes_with_its_data_and_start_moved_too(tmp_path, mnist):
+    # A run's folder, data and start copied elsewhere (another checkout, another machine).
+    dense, run = tmp_path / "dense", tmp_path / "sbp"
+    assert cli("--method", "dense", "--epochs", "1", "--out", dense, data=mnist).returncode == 0
+    options = ("--method", "sbp", "--epochs", "2")
+    assert cli(*options, "--init-from", dense, "--out", run, data=mnist).returncode == 0
+    moved = tmp_path / "elsewhere"
+    for folder in (dense, run, mnist):
+        shutil.copytree(folder, moved / folder.name)
+    result = cli(
+        *options,
+        "--init-from",
+        moved / "dense",
+        "--resume",
+        "--out",
+        moved / "sbp",
+        data=moved / mnist.name,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads((moved / "sbp" / "report.json").read_text())["sessions"] == 2
 
 
 def test_parameter_average_is_a_recorded_setting_and_its_decay_is_checked(tmp_path, mnist):
