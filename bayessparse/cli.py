@@ -678,7 +678,11 @@ class Job:
         # Built before the data is read, so that bad layer options fail first; loading the
         # data draws nothing from torch's RNG, so the initial weights depend on the seed only.
         torch.manual_seed(args.seed)
-        pretrained = None if args.init_from is None else load_pretrained(args.init_from)
+        # A resumed run's weights come from its checkpoint: its start is read when it begins.
+        resuming = args.resume and args.out is not None and (args.out / CHECKPOINT).exists()
+        pretrained = (
+            None if args.init_from is None or resuming else load_pretrained(args.init_from)
+        )
         self.net = build_net(
             args.model, args.method, self.settings["init"], pretrained, **self.settings["layer"]
         )

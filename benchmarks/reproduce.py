@@ -112,9 +112,10 @@ def run(name: str, seed: int, threads: int, weights: bool = False) -> int:
     if not finished or retrain:
         argv = ["train", *row.options, "--seed", str(seed), "--out", str(folder)]
         if row.start is not None:
-            code = run(row.start, seed, threads, weights=True)
-            if code:
-                return code
+            if not (folder / "checkpoint.pt").exists():  # else resumed: the start is not read
+                code = run(row.start, seed, threads, weights=True)
+                if code:
+                    return code
             argv += ["--init-from", str(run_folder(row.start, seed))]
         if retrain:
             (folder / "evaluation.json").unlink(missing_ok=True)

@@ -101,6 +101,17 @@ def test_a_finished_start_without_its_weights_is_trained_again(reproduce, monkey
     assert "--resume" in calls[0]
 
 
+def test_a_started_row_resumes_without_running_its_start_again(reproduce, monkeypatch):
+    calls = []
+    monkeypatch.setattr(reproduce, "cli_main", lambda argv: calls.append(argv) or 0)
+    folder = reproduce.run_folder("sbp-5-pretrained", 0)
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.pt").write_bytes(b"")
+    reproduce.run("sbp-5-pretrained", 0, threads=1)
+    assert [argv[0] for argv in calls] == ["train", "evaluate"]
+    assert "--resume" in calls[0] and "--init-from" in calls[0]
+
+
 def test_failed_training_is_not_evaluated(reproduce, monkeypatch):
     calls = []
     monkeypatch.setattr(reproduce, "cli_main", lambda argv: calls.append(argv) or 1)
